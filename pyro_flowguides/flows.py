@@ -1,0 +1,110 @@
+"""The registry of flow layers: ``available()``, ``make(name, dim, ...)`` and ``stack(...)``.
+
+>>> from pyro_flowguides import flows
+>>> layer = flows.make("planar", 3)
+>>> conditional = flows.make("planar", 3, context_dim=5)
+>>> [type(m).__name__ for m in flows.stack("affine_coupling", 4, num_flows=2)]
+['AffineCoupling', 'Reverse', 'AffineCoupling']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from importlib import import_module
+
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+from torch import nn
+
+from .transforms.permutation import Reverse
+
+Layer = TransformModule | ConditionalTransformModule
+FlowSpec = str | Sequence[str] | Callable[[int], Layer]
+
+# name -> (module under pyro_flowguides.transforms, unconditional class, conditional class)
+_REGISTRY: dict[str, tuple[str, str, str]] = {
+    "planar": ("planar", "Planar", "ConditionalPlanar"),
+    "radial": ("radial", "Radial", "ConditionalRadial"),
+    "orthogonal_sylvester": ("sylvester", "OrthogonalSylvester", "ConditionalOrthogonalSylvester"),
+    "householder_sylvester": ("sylvester", "HouseholderSylvester", "ConditionalHouseholderSylvester"),
+    "triangular_sylvester": ("sylvester", "TriangularSylvester", "ConditionalTriangularSylvester"),
+    "generalized_planar": ("generalized_planar", "GeneralizedPlanar", "ConditionalGeneralizedPlanar"),
+    "householder": ("householder", "Householder", "ConditionalHouseholder"),
+    "additive_coupling": ("coupling", "AdditiveCoupling", "ConditionalAdditiveCoupling"),
+    "affine_coupling": ("coupling", "AffineCoupling", "ConditionalAffineCoupling"),
+    "lu_linear": ("lu_linear", "LULinear", "ConditionalLULinear"),
+    "iaf": ("autoregressive", "IAF", "ConditionalIAF"),
+    "neural_spline": ("spline", "NeuralSpline", "ConditionalNeuralSpline"),
+}
+_USER_LAYERS: dict[str, tuple[Callable[..., TransformModule], Callable[..., ConditionalTransformModule]]] = {}
+
+
+def available() -> list[str]:
+    """Names of the registered layers, sorted."""
+    return sorted([*_REGISTRY, *_USER_LAYERS])
+
+
+def register(
+    name: str,
+    unconditional: Callable[..., TransformModule],
+    conditional: Callable[..., ConditionalTransformModule],
+) -> None:
+    """Add a layer family: ``unconditional(dim, **options)`` and ``conditional(dim, context_dim, **options)``."""
+    if name in _REGISTRY or name in _USER_LAYERS:
+        raise ValueError(f"flow layer {name!r} is already registered")
+    _USER_LAYERS[name] = (unconditional, conditional)
+
+
+def make(name: str, dim: int, *, context_dim: int | None = None, **options: object) -> Layer:
+    """One layer of family ``name`` on ``dim`` coordinates; conditional when ``context_dim`` is given."""
+    if name in _USER_LAYERS:
+        unconditional, conditional = _USER_LAYERS[name]
+    elif name in _REGISTRY:
+        module, unconditional_name, conditional_name = _REGISTRY[name]
+        classes = import_module(f"pyro_flowguides.transforms.{module}")
+        unconditional = getattr(classes, unconditional_name)
+        conditional = getattr(classes, conditional_name)
+    else:
+        raise ValueError(f"unknown flow layer {name!r}; available: {', '.join(available())}")
+    if context_dim is None:
+        return unconditional(dim, **options)
+    return conditional(dim, context_dim=context_dim, **options)
+
+
+def stack(
+    flow: FlowSpec,
+    dim: int,
+    num_flows: int = 1,
+    *,
+    context_dim: int | None = None,
+    **options: object,
+) -> nn.ModuleList:
+    """A list of layers applied in order.
+
+    ``flow`` is a registered name (repeated ``num_flows`` times), a list of names (used as given;
+    ``num_flows`` must then be 1) or a callable ``dim -> layer`` (called ``num_flows`` times).
+    A :class:`~pyro_flowguides.transforms.Reverse` goes between two consecutive coupling or
+    autoregressive layers, so that no coordinate is left untransformed.
+    """
+    if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
+        raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+    if isinstance(flow, str):
+        names: list[str] | None = [flow] * num_flows
+    elif callable(flow):
+        names = None
+    else:
+        names = list(flow)
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"flow must be a layer name, a non-empty list of names or a callable; got {flow!r}")
+        if num_flows != 1:
+            raise ValueError("num_flows applies to a single flow name; a list of names is used as given")
+    if names is None:
+        layers = [flow(dim) for _ in range(num_flows)]
+    else:
+        layers = [make(name, dim, context_dim=context_dim, **options) for name in names]
+    out: list[nn.Module] = []
+    for layer in layers:
+        if out and getattr(out[-1], "needs_permutation", False) and getattr(layer, "needs_permutation", False):
+            out.append(Reverse(dim))
+        out.append(layer)
+    return nn.ModuleList(out)

@@ -1,0 +1,42 @@
+"""Root finding for the inverses of residual layers (planar, Sylvester, generalized planar)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+def solve_increasing(
+    fn: Callable[[Tensor], tuple[Tensor, Tensor]],
+    target: Tensor,
+    lower: Tensor,
+    upper: Tensor,
+    max_iter: int = 100,
+) -> Tensor:
+    """Solve ``fn(a) = target`` elementwise for an increasing scalar function on ``[lower, upper]``.
+
+    ``fn`` returns the value and the derivative. Newton steps are taken where they stay inside
+    the bracket, bisection elsewhere, so the iteration converges whenever the root is bracketed;
+    it stops once the bracket or the residual is at the dtype's resolution.
+    """
+    tol = 4 * torch.finfo(target.dtype).eps
+    lower, upper = torch.broadcast_tensors(lower, upper)
+    lower, upper = lower.clone(), upper.clone()
+    a = 0.5 * (lower + upper)
+    for _ in range(max_iter):
+        value, slope = fn(a)
+        residual = value - target
+        scale = 1 + a.abs()
+        if bool((residual.abs() <= tol * scale).all()):
+            break
+        below = residual < 0
+        lower = torch.where(below, a, lower)
+        upper = torch.where(below, upper, a)
+        newton = a - residual / slope.clamp_min(torch.finfo(a.dtype).tiny)
+        inside = (newton >= lower) & (newton <= upper)
+        a = torch.where(inside, newton, 0.5 * (lower + upper))
+        if bool(((upper - lower) <= tol * scale).all()):
+            break
+    return a

@@ -1,0 +1,92 @@
+"""Planar flow (Rezende & Mohamed 2015)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import ConditionalFlowModule, FlowModule, FlowTransform
+from .numerical_inverse import solve_increasing
+
+_SOFTPLUS_INV_ONE = math.log(math.e - 1)
+
+
+class PlanarTransform(FlowTransform):
+    r"""``y = z + û tanh(wᵀz + b)``, ``log|det J| = log(1 + ûᵀw · tanh'(wᵀz + b))``.
+
+    Invertible because ``û = u + (m(wᵀu) - wᵀu) w / ‖w‖²`` with ``m(s) = -1 + softplus(s + log(e - 1))``
+    makes ``ûᵀw > -1`` (and ``û = u`` when ``wᵀu = 0``). The inverse solves the scalar equation
+    ``wᵀy = a + ûᵀw tanh(a + b)`` for ``a = wᵀz``, then ``z = y - û tanh(a + b)``. Cost O(D).
+
+    Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015, Appendix A.1.
+
+    >>> import torch
+    >>> t = PlanarTransform({"u": torch.ones(2), "w": torch.ones(2), "b": torch.zeros(1)}, dim=2)
+    >>> z = torch.tensor([0.5, -1.0])
+    >>> torch.allclose(t.inv(t(z)), z)
+    True
+    """
+
+    @classmethod
+    def param_shapes(cls, dim: int, **options: object) -> dict[str, tuple[int, ...]]:
+        return {"u": (dim,), "w": (dim,), "b": (1,)}
+
+    @classmethod
+    def initial_params(cls, dim: int, **options: object) -> dict[str, Tensor]:
+        return {"u": torch.zeros(dim), "w": torch.randn(dim) / math.sqrt(dim), "b": torch.zeros(1)}
+
+    def constrained(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``(û, w, b, ûᵀw)``."""
+        p = self.raw_params()
+        u, w, b = p["u"], p["w"], p["b"]
+        wu = (w * u).sum(-1, keepdim=True)
+        wu_hat = F.softplus(wu + _SOFTPLUS_INV_ONE) - 1
+        w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
+        u_hat = u + (wu_hat - wu) * w / w_sq
+        return u_hat, w, b, wu_hat
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        u_hat, w, b, wu_hat = self.constrained()
+        act = torch.tanh((x * w).sum(-1, keepdim=True) + b)
+        y = x + u_hat * act
+        log_det = torch.log1p(wu_hat * (1 - act * act)).squeeze(-1)
+        return y, log_det
+
+    def inverse_map(self, y: Tensor) -> Tensor:
+        u_hat, w, b, wu_hat = self.constrained()
+        target = (y * w).sum(-1, keepdim=True)
+
+        def reduced(a: Tensor) -> tuple[Tensor, Tensor]:
+            act = torch.tanh(a + b)
+            return a + wu_hat * act, 1 + wu_hat * (1 - act * act)
+
+        reach = wu_hat.abs()
+        a = solve_increasing(reduced, target, target - reach, target + reach)
+        return y - u_hat * torch.tanh(a + b)
+
+
+class Planar(FlowModule):
+    """Learnable planar layer; see :class:`PlanarTransform` for the map.
+
+    >>> import torch
+    >>> layer = Planar(3)
+    >>> layer(torch.zeros(5, 3)).shape
+    torch.Size([5, 3])
+    """
+
+    transform = PlanarTransform
+
+
+class ConditionalPlanar(ConditionalFlowModule):
+    """Planar layer whose ``u, w, b`` are an MLP's output for a context vector.
+
+    >>> import torch
+    >>> layer = ConditionalPlanar(3, context_dim=4)
+    >>> layer.condition(torch.randn(5, 4))(torch.zeros(5, 3)).shape
+    torch.Size([5, 3])
+    """
+
+    transform = PlanarTransform

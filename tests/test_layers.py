@@ -1,0 +1,257 @@
+"""Every registered layer, unconditional and conditional, through the same mathematical checks.
+
+Parameters are drawn from N(0, 1) (not the initial values): the log-determinant must match
+``slogdet`` of the autograd Jacobian, the inverse must undo the forward map, and the Jacobian must
+keep one sign at extreme parameters and inputs.
+"""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pyro.distributions.conditional import ConditionalTransformModule
+
+from conftest import CUDA
+from pyro_flowguides import flows
+
+DIM, CONTEXT, N = 5, 3, 6
+CASES = [pytest.param(name, cond, id=f"{name}-{'cond' if cond else 'plain'}")
+         for name in flows.available() for cond in (False, True)]
+TOL = {torch.float64: 1e-6, torch.float32: 2e-3}
+
+
+def build(name, conditional, dtype=torch.float64, dim=DIM, seed=0, scale=1.0, **options):
+    """A layer with every parameter drawn from N(0, scale²)."""
+    torch.manual_seed(seed)
+    layer = flows.make(name, dim, context_dim=CONTEXT if conditional else None, **options)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, scale)
+    return layer.to(dtype)
+
+
+def apply_to(layer, x, context_scale=1.0, seed=1):
+    """The transform for a batch: conditioned on one random context per row of ``x``."""
+    if isinstance(layer, ConditionalTransformModule):
+        g = torch.Generator().manual_seed(seed)
+        context = context_scale * torch.randn(x.shape[:-1] + (CONTEXT,), generator=g)
+        return layer.condition(context.to(x.dtype))
+    return layer
+
+
+def jacobian_blocks(transform, x):
+    """Per-row Jacobians ∂y_i/∂x_i, shape (N, D, D)."""
+    full = torch.autograd.functional.jacobian(lambda v: transform(v), x)
+    idx = torch.arange(x.shape[0])
+    return full[idx, :, idx, :]
+
+
+def inputs(dtype, scale=2.0, seed=2, n=N, dim=DIM):
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(n, dim, generator=g)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_log_det_matches_autograd_jacobian(name, conditional, dtype):
+    layer = build(name, conditional, dtype)
+    x = inputs(dtype)
+    t = apply_to(layer, x)
+    y = t(x)
+    log_det = t.log_abs_det_jacobian(x, y)
+    assert log_det.shape == x.shape[:-1] and log_det.dtype == dtype
+    sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
+    assert (sign != 0).all()
+    torch.testing.assert_close(log_det, reference, rtol=TOL[dtype], atol=TOL[dtype])
+    if layer.volume_preserving:
+        assert (log_det == 0).all()
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_log_det_of_any_point_not_only_cached_samples(name, conditional):
+    layer = build(name, conditional)
+    x = inputs(torch.float64)
+    t = apply_to(layer, x)
+    y = t(x)
+    fresh = apply_to(layer, x)  # a new transform with nothing cached
+    torch.testing.assert_close(fresh.log_abs_det_jacobian(x.clone(), y.clone()), t.log_abs_det_jacobian(x, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_inverse_round_trip(name, conditional, dtype):
+    layer = build(name, conditional, dtype)
+    x = inputs(dtype)
+    t = apply_to(layer, x)
+    y = t(x)
+    x_back = t.inv(y.clone())  # clone: score a point the layer did not produce itself
+    torch.testing.assert_close(x_back, x, rtol=TOL[dtype], atol=TOL[dtype])
+    y_again = t(t.inv(inputs(dtype, seed=5)).clone())
+    torch.testing.assert_close(y_again, inputs(dtype, seed=5), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+@pytest.mark.parametrize("input_scale", [1.0, 100.0], ids=["x1", "x100"])
+def test_jacobian_nonsingular_with_one_sign_at_extreme_parameters(name, conditional, input_scale):
+    layer = build(name, conditional, scale=100.0)
+    x = inputs(torch.float64, scale=input_scale, n=12)
+    t = apply_to(layer, x, context_scale=100.0)
+    y = t(x)
+    log_det = t.log_abs_det_jacobian(x, y)
+    sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
+    assert torch.isfinite(y).all() and torch.isfinite(log_det).all()
+    assert (sign != 0).all() and (sign == sign[0]).all(), f"Jacobian signs {sign.tolist()}"
+    torch.testing.assert_close(log_det, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_gradients_reach_every_parameter(name, conditional):
+    layer = build(name, conditional)
+    x = inputs(torch.float64)
+    t = apply_to(layer, x)
+    y = t(x)
+    (y.pow(2).sum() + t.log_abs_det_jacobian(x, y).sum()).backward()
+    for pname, p in layer.named_parameters():
+        assert p.grad is not None, f"{pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{pname} has a non-finite gradient"
+        assert p.grad.abs().sum() > 0, f"{pname} has an all-zero gradient"
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_batch_and_sample_shapes_broadcast(name, conditional):
+    layer = build(name, conditional)
+    x = torch.randn(4, 3, DIM, dtype=torch.float64)
+    if conditional:
+        t = layer.condition(torch.randn(3, CONTEXT, dtype=torch.float64))  # one context per batch item
+        single = layer.condition(torch.randn(CONTEXT, dtype=torch.float64))  # one context for all
+        assert single(x).shape == x.shape
+    else:
+        t = layer
+    y = t(x)
+    assert y.shape == x.shape
+    assert t.log_abs_det_jacobian(x, y).shape == (4, 3)
+    assert t.inv(y.clone()).shape == x.shape
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_state_dict_pickle_and_dtype(name, conditional):
+    layer = build(name, conditional)
+    x = inputs(torch.float64)
+    expected = apply_to(layer, x)(x)
+    other = build(name, conditional, seed=123)
+    other.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(apply_to(other, x)(x), expected)
+    buffer = io.BytesIO()
+    torch.save(layer.state_dict(), buffer)
+    buffer.seek(0)
+    other.load_state_dict(torch.load(buffer, weights_only=True))
+    torch.testing.assert_close(apply_to(other, x)(x), expected)
+    for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
+        torch.testing.assert_close(apply_to(clone, x)(x), expected)
+    as32 = copy.deepcopy(layer).to(torch.float32)
+    y32 = apply_to(as32, x.float())(x.float())
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, expected.float(), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_initial_layer_is_near_identity(name, conditional):
+    torch.manual_seed(0)
+    layer = flows.make(name, DIM, context_dim=CONTEXT if conditional else None).double()
+    x = inputs(torch.float64)
+    t = apply_to(layer, x)
+    y = t(x)
+    if name == "lu_linear" or not getattr(layer, "needs_permutation", False):
+        torch.testing.assert_close(y, x, atol=1e-2, rtol=0)
+    assert torch.isfinite(t.log_abs_det_jacobian(x, y)).all()
+
+
+@pytest.mark.parametrize("name", flows.available())
+def test_stack_transforms_every_coordinate(name):
+    torch.manual_seed(0)
+    layers = flows.stack(name, DIM, num_flows=3).double()
+    with torch.no_grad():
+        for p in layers.parameters():
+            p.normal_()
+    x = inputs(torch.float64)
+
+    def through(v):
+        for layer in layers:
+            v = layer(v)
+        return v
+
+    jac = jacobian_blocks(through, x)
+    off_diagonal = jac - torch.diag_embed(torch.diagonal(jac, dim1=-2, dim2=-1))
+    # every output coordinate depends on some other coordinate, or is rescaled
+    moved = (off_diagonal.abs().amax(-1) > 1e-8) | ((torch.diagonal(jac, dim1=-2, dim2=-1) - 1).abs() > 1e-8)
+    if name != "householder":  # a product of reflections can fix a coordinate only by chance
+        assert moved.all(), f"coordinates never transformed: {(~moved).nonzero().tolist()}"
+
+
+@settings(max_examples=20, deadline=None)
+@given(name=st.sampled_from(flows.available()), seed=st.integers(0, 2**16), log_scale=st.floats(-2, 2))
+def test_round_trip_property(name, seed, log_scale):
+    layer = build(name, False, seed=seed)
+    x = inputs(torch.float64, scale=10**log_scale, seed=seed)
+    y = layer(x)
+    torch.testing.assert_close(layer.inv(y.clone()), x, rtol=1e-6, atol=1e-6 * 10**max(log_scale, 0))
+
+
+# --- bad input ---------------------------------------------------------------------------
+
+
+def test_unknown_name_lists_the_available_ones():
+    with pytest.raises(ValueError, match="unknown flow layer 'plannar'.*available: .*planar"):
+        flows.make("plannar", 3)
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_wrong_input_and_context_dimension(name, conditional):
+    layer = build(name, conditional)
+    x = inputs(torch.float64, dim=DIM + 1)
+    if conditional:
+        with pytest.raises(ValueError, match=rf"context.*(last dimension|size|dim).*{CONTEXT}"):
+            layer.condition(torch.randn(N, CONTEXT + 2, dtype=torch.float64))
+    t = apply_to(layer, inputs(torch.float64))
+    with pytest.raises(ValueError, match=rf"{DIM}.*{DIM + 1}|{DIM + 1}.*{DIM}"):
+        t(x)
+
+
+def test_options_out_of_range_and_unknown():
+    with pytest.raises(ValueError, match="num_ortho_vecs=9 is larger than the dimension 5"):
+        flows.make("orthogonal_sylvester", 5, num_ortho_vecs=9)
+    with pytest.raises(ValueError, match="bottleneck=6 is larger than the dimension 5"):
+        flows.make("generalized_planar", 5, bottleneck=6)
+    with pytest.raises(ValueError, match="num_householder must be an integer >= 1, got 0"):
+        flows.make("householder_sylvester", 5, num_householder=0)
+    with pytest.raises(ValueError, match="num_reflections must be an integer >= 1, got 0"):
+        flows.make("householder", 5, num_reflections=0)
+    with pytest.raises(ValueError, match="unknown option.*colour.*options it takes"):
+        flows.make("planar", 5, colour="red")
+    with pytest.raises(ValueError, match="num_flows must be an integer >= 1"):
+        flows.stack("planar", 5, num_flows=0)
+
+
+# --- devices -----------------------------------------------------------------------------
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_cuda(name, conditional):
+    layer = build(name, conditional).cuda()
+    x = inputs(torch.float64).cuda()
+    if conditional:
+        t = layer.condition(torch.randn(N, CONTEXT, dtype=torch.float64, device="cuda"))
+    else:
+        t = layer
+    y = t(x)
+    log_det = t.log_abs_det_jacobian(x, y)
+    assert y.device.type == "cuda" and log_det.device.type == "cuda"
+    torch.testing.assert_close(t.inv(y.clone()), x, rtol=1e-6, atol=1e-6)
+    (y.sum() + log_det.sum()).backward()
+    assert all(p.grad is not None and p.grad.device.type == "cuda" for p in layer.parameters())
