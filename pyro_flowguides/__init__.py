@@ -1,1 +1,8 @@
-"""pyro_flowguides."""
+"""Normalizing-flow posteriors for Pyro models."""
+
+from . import flows, supports
+from .flow_distribution import FlowDistribution
+from .guide import AutoFlowGuide, init_to_feasible_point, init_to_median_or_feasible
+
+__all__ = ["AutoFlowGuide", "FlowDistribution", "flows", "init_to_feasible_point", "init_to_median_or_feasible"]
+__version__ = "0.1.0"

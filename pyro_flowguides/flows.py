@@ -4,7 +4,7 @@
 >>> layer = flows.make("planar", 3)
 >>> conditional = flows.make("planar", 3, context_dim=5)
 >>> [type(m).__name__ for m in flows.stack("affine_coupling", 4, num_flows=2)]
-['AffineCoupling', 'Reverse', 'AffineCoupling']
+['AffineCoupling', 'Reverse', 'AffineCoupling', 'Reverse']
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ def stack(
 
     ``flow`` is a registered name (repeated ``num_flows`` times), a list of names (used as given;
     ``num_flows`` must then be 1) or a callable ``dim -> layer`` (called ``num_flows`` times).
-    A :class:`~pyro_flowguides.transforms.Reverse` goes between two consecutive coupling or
-    autoregressive layers, so that no coordinate is left untransformed.
+    A :class:`~pyro_flowguides.transforms.permutation.Reverse` goes between two consecutive coupling
+    or autoregressive layers, so that no coordinate is left untransformed, and one more at the end
+    when their number is odd, so that the stack keeps the coordinates' order.
     """
     if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
         raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
@@ -107,4 +108,6 @@ def stack(
         if out and getattr(out[-1], "needs_permutation", False) and getattr(layer, "needs_permutation", False):
             out.append(Reverse(dim))
         out.append(layer)
+    if sum(isinstance(layer, Reverse) for layer in out) % 2:
+        out.append(Reverse(dim))  # end in the original coordinate order
     return nn.ModuleList(out)

@@ -28,6 +28,8 @@ ParamSource = Callable[[], RawParams] | RawParams
 
 def check_event_dim(x: Tensor, dim: int, layer: str, what: str = "input") -> None:
     """Raise a ``ValueError`` naming the layer when ``x``'s last dimension is not ``dim``."""
+    if torch.jit.is_tracing():  # shapes are fixed by the trace; a check would only warn
+        return
     if x.dim() == 0 or x.shape[-1] != dim:
         raise ValueError(
             f"{layer}: expected {what} with last dimension {dim}, got shape {tuple(x.shape)}; "
