@@ -29,21 +29,25 @@ from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNorm
 from pyro.infer.importance import psis_diagnostic, vectorized_importance_weights
 
 sys.path.insert(0, str(Path(__file__).parent))
-import posteriordb_models  # noqa: E402
+import posteriordb_models
 
-from pyro_flowguides import AutoFlowGuide, flows, init_to_median_or_feasible  # noqa: E402
+from pyro_flowguides import AutoFlowGuide, flows, init_to_median_or_feasible
 
 PYRO_GUIDES = {
     "AutoNormal": lambda m: AutoNormal(m, init_loc_fn=init_to_median_or_feasible),
     "AutoMultivariateNormal": lambda m: AutoMultivariateNormal(m, init_loc_fn=init_to_median_or_feasible),
     "AutoIAFNormal": lambda m: AutoIAFNormal(m, init_loc_fn=init_to_median_or_feasible),
-    "AutoNormalizingFlow(BNAF x2)": lambda m: AutoNormalizingFlow(m, partial(iterated, 2, block_autoregressive)),
+    "AutoNormalizingFlow(BNAF x2)": lambda m: AutoNormalizingFlow(
+        m, partial(iterated, 2, block_autoregressive)
+    ),
 }
 
 
 def flow_guides(num_flows: int) -> dict:
-    return {f"AutoFlowGuide({name} x{num_flows})": partial(AutoFlowGuide, flow=name, num_flows=num_flows)
-            for name in flows.available()}
+    return {
+        f"AutoFlowGuide({name} x{num_flows})": partial(AutoFlowGuide, flow=name, num_flows=num_flows)
+        for name in flows.available()
+    }
 
 
 def evaluate(model, guide, data, reference, num_draws: int) -> dict:
@@ -51,7 +55,9 @@ def evaluate(model, guide, data, reference, num_draws: int) -> dict:
         _, model_trace, _ = vectorized_importance_weights(
             model, guide, num_samples=num_draws, max_plate_nesting=1, **data
         )
-        samples = {name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "sample"}
+        samples = {
+            name: site["value"] for name, site in model_trace.nodes.items() if site["type"] == "sample"
+        }
         draws = posteriordb_models.flatten_draws(samples, list(reference))
         k_hat = float(psis_diagnostic(model, guide, num_particles=num_draws, max_plate_nesting=1, **data))
     mean_err, log_sd = [], []
@@ -59,8 +65,11 @@ def evaluate(model, guide, data, reference, num_draws: int) -> dict:
         q = draws[name]
         mean_err.append(abs(q.mean() - ref.mean()) / ref.std())
         log_sd.append(abs(math.log(q.std() / ref.std())))
-    return {"max_std_mean_error": float(max(mean_err)), "max_abs_log_sd_ratio": float(max(log_sd)),
-            "k_hat": k_hat}
+    return {
+        "max_std_mean_error": float(max(mean_err)),
+        "max_abs_log_sd_ratio": float(max(log_sd)),
+        "k_hat": k_hat,
+    }
 
 
 def fit(model, guide, data, steps: int, lr: float) -> tuple[float, float]:
@@ -72,7 +81,9 @@ def fit(model, guide, data, steps: int, lr: float) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=Path(__file__).parents[2] / "shared/data/posteriordb")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=0.01)
@@ -115,14 +126,18 @@ def main() -> None:
 
 
 def markdown(results: list[dict]) -> str:
-    lines = ["| posterior | guide | max std. mean error | max abs log sd ratio | k-hat | fit s |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| posterior | guide | max std. mean error | max abs log sd ratio | k-hat | fit s |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['posterior']} | {r['guide']} | failed: {r['error']} | | | |")
         else:
-            lines.append(f"| {r['posterior']} | {r['guide']} | {r['max_std_mean_error']:.3f} | "
-                         f"{r['max_abs_log_sd_ratio']:.3f} | {r['k_hat']:.2f} | {r['fit_seconds']:.1f} |")
+            lines.append(
+                f"| {r['posterior']} | {r['guide']} | {r['max_std_mean_error']:.3f} | "
+                f"{r['max_abs_log_sd_ratio']:.3f} | {r['k_hat']:.2f} | {r['fit_seconds']:.1f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

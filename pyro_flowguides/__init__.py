@@ -1,8 +1,15 @@
 """Normalizing-flow posteriors for Pyro models."""
 
-from . import flows, supports
+from . import flows, supports  # supports: registers biject_to for lower_cholesky
 from .flow_distribution import FlowDistribution
 from .guide import AutoFlowGuide, init_to_feasible_point, init_to_median_or_feasible
 
-__all__ = ["AutoFlowGuide", "FlowDistribution", "flows", "init_to_feasible_point", "init_to_median_or_feasible"]
+__all__ = [
+    "AutoFlowGuide",
+    "FlowDistribution",
+    "flows",
+    "init_to_feasible_point",
+    "init_to_median_or_feasible",
+    "supports",
+]
 __version__ = "0.1.0"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 from pyro.distributions import TorchDistribution
@@ -12,6 +13,7 @@ from torch import Tensor
 from torch.distributions import Transform, constraints
 
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
+_NO_SAMPLE_DIMS = torch.Size()
 
 
 class FlowDistribution(TorchDistribution):
@@ -31,7 +33,10 @@ class FlowDistribution(TorchDistribution):
     True
     """
 
-    arg_constraints = {"loc": constraints.real_vector, "scale": constraints.independent(constraints.positive, 1)}
+    arg_constraints: ClassVar[dict] = {
+        "loc": constraints.real_vector,
+        "scale": constraints.independent(constraints.positive, 1),
+    }
     support = constraints.real_vector
     has_rsample = True
 
@@ -62,7 +67,7 @@ class FlowDistribution(TorchDistribution):
     def _base_log_prob(self, eps: Tensor) -> Tensor:
         return -(0.5 * eps * eps + self.scale.log() + _HALF_LOG_TWO_PI).sum(-1)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+    def rsample(self, sample_shape: torch.Size = _NO_SAMPLE_DIMS) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         z = self.loc + self.scale * eps

@@ -16,7 +16,9 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 
+from .transforms.base import ConditionalFlowModule, FlowModule
 from .transforms.permutation import Reverse
+from .transforms.stacked import ConditionalFlowStack, FlowStack
 
 Layer = TransformModule | ConditionalTransformModule
 FlowSpec = str | Sequence[str] | Callable[[int], Layer]
@@ -49,7 +51,10 @@ def register(
     unconditional: Callable[..., TransformModule],
     conditional: Callable[..., ConditionalTransformModule],
 ) -> None:
-    """Add a layer family: ``unconditional(dim, **options)`` and ``conditional(dim, context_dim, **options)``."""
+    """Add a layer family.
+
+    ``unconditional(dim, **options)`` and ``conditional(dim, context_dim, **options)`` build its layers.
+    """
     if name in _REGISTRY or name in _USER_LAYERS:
         raise ValueError(f"flow layer {name!r} is already registered")
     _USER_LAYERS[name] = (unconditional, conditional)
@@ -57,6 +62,13 @@ def register(
 
 def make(name: str, dim: int, *, context_dim: int | None = None, **options: object) -> Layer:
     """One layer of family ``name`` on ``dim`` coordinates; conditional when ``context_dim`` is given."""
+    unconditional, conditional = _classes(name)
+    if context_dim is None:
+        return unconditional(dim, **options)
+    return conditional(dim, context_dim=context_dim, **options)
+
+
+def _classes(name: str) -> tuple[Callable[..., TransformModule], Callable[..., ConditionalTransformModule]]:
     if name in _USER_LAYERS:
         unconditional, conditional = _USER_LAYERS[name]
     elif name in _REGISTRY:
@@ -66,9 +78,7 @@ def make(name: str, dim: int, *, context_dim: int | None = None, **options: obje
         conditional = getattr(classes, conditional_name)
     else:
         raise ValueError(f"unknown flow layer {name!r}; available: {', '.join(available())}")
-    if context_dim is None:
-        return unconditional(dim, **options)
-    return conditional(dim, context_dim=context_dim, **options)
+    return unconditional, conditional
 
 
 def stack(
@@ -77,6 +87,7 @@ def stack(
     num_flows: int = 1,
     *,
     context_dim: int | None = None,
+    fuse: bool = True,
     **options: object,
 ) -> nn.ModuleList:
     """A list of layers applied in order.
@@ -90,13 +101,30 @@ def stack(
     if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
         raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
     if isinstance(flow, str):
+        unconditional, conditional = _classes(flow)
+        if (
+            fuse
+            and num_flows > 1
+            and isinstance(unconditional, type)
+            and issubclass(unconditional, FlowModule)
+        ):
+            if context_dim is None:
+                fused = FlowStack(dim, layer=unconditional.transform, num_layers=num_flows, **options)
+            else:
+                assert issubclass(conditional, ConditionalFlowModule)
+                fused = ConditionalFlowStack(
+                    dim, context_dim, layer=conditional.transform, num_layers=num_flows, **options
+                )
+            return nn.ModuleList([fused])
         names: list[str] | None = [flow] * num_flows
     elif callable(flow):
         names = None
     else:
         names = list(flow)
         if not names or not all(isinstance(n, str) for n in names):
-            raise ValueError(f"flow must be a layer name, a non-empty list of names or a callable; got {flow!r}")
+            raise ValueError(
+                f"flow must be a layer name, a non-empty list of names or a callable; got {flow!r}"
+            )
         if num_flows != 1:
             raise ValueError("num_flows applies to a single flow name; a list of names is used as given")
     if names is None:
@@ -105,7 +133,11 @@ def stack(
         layers = [make(name, dim, context_dim=context_dim, **options) for name in names]
     out: list[nn.Module] = []
     for layer in layers:
-        if out and getattr(out[-1], "needs_permutation", False) and getattr(layer, "needs_permutation", False):
+        if (
+            out
+            and getattr(out[-1], "needs_permutation", False)
+            and getattr(layer, "needs_permutation", False)
+        ):
             out.append(Reverse(dim))
         out.append(layer)
     if sum(isinstance(layer, Reverse) for layer in out) % 2:

@@ -7,11 +7,12 @@ from collections.abc import Callable
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.params.param_store import param_with_module_name
 from torch import Tensor
-from pyro.distributions import constraints
 from torch.distributions import biject_to
 
 from . import flows
@@ -98,9 +99,7 @@ class AutoFlowGuide(AutoContinuous):
         self._refuse_subsampled_locals()
         init_loc = self._init_loc()
         self.loc = PyroParam(init_loc, constraint=constraints.real)
-        self.scale = PyroParam(
-            torch.full_like(init_loc, self._init_scale), constraint=self.scale_constraint
-        )
+        self.scale = PyroParam(torch.full_like(init_loc, self._init_scale), constraint=self.scale_constraint)
         layers = flows.stack(self._flow_spec, self.latent_dim, self._num_flows, **self._flow_options)
         self.flow = layers.to(device=init_loc.device, dtype=init_loc.dtype)
 
@@ -132,9 +131,25 @@ class AutoFlowGuide(AutoContinuous):
         """
         flow = self._modules["flow"]
         if self._pyro_context.active:
-            tracing = torch._C._get_tracing_state() is not None
-            pyro.module(self._pyro_get_fullname("flow"), flow, update_module_params=not tracing)
+            name = self._pyro_get_fullname("flow")
+            if torch._C._get_tracing_state() is None:
+                self._check_store_shapes(name, flow)
+                pyro.module(name, flow, update_module_params=True)
+            else:
+                pyro.module(name, flow)
         return flow
+
+    def _check_store_shapes(self, name: str, flow: torch.nn.Module) -> None:
+        store = pyro.get_param_store()
+        for param_name, param in flow.named_parameters():
+            full_name = param_with_module_name(name, param_name)
+            if full_name in store and store[full_name].shape != param.shape:
+                raise ValueError(
+                    f"AutoFlowGuide: Pyro's param store holds {full_name!r} with shape "
+                    f"{tuple(store[full_name].shape)}, but this guide's flow has shape {tuple(param.shape)}: "
+                    f"the store holds parameters of another model or guide. Call pyro.clear_param_store() "
+                    f"before building a new guide, or load a store saved from this model."
+                )
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, Tensor]:
@@ -167,4 +182,3 @@ class AutoFlowGuide(AutoContinuous):
             site["name"]: biject_to(site["fn"].support)(unconstrained)
             for site, unconstrained in self._unpack_latent(latent)
         }
-

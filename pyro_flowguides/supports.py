@@ -13,7 +13,7 @@ from torch.distributions import Transform, biject_to, constraints
 
 
 def _side(vector_size: int) -> int:
-    n = int(round(((8 * vector_size + 1) ** 0.5 - 1) / 2))
+    n = round(((8 * vector_size + 1) ** 0.5 - 1) / 2)
     if n * (n + 1) // 2 != vector_size:
         raise ValueError(f"a vector of size {vector_size} is not the lower triangle of a square matrix")
     return n
@@ -47,7 +47,7 @@ class LowerCholeskyVectorTransform(Transform):
         n = _side(x.shape[-1])
         rows, cols = self._indices(n, x.device)
         values = torch.where(rows == cols, x.exp(), x)
-        out = x.new_zeros(x.shape[:-1] + (n, n))
+        out = x.new_zeros((*x.shape[:-1], n, n))
         out[..., rows, cols] = values
         return out
 
@@ -62,11 +62,11 @@ class LowerCholeskyVectorTransform(Transform):
 
     def forward_shape(self, shape: torch.Size) -> torch.Size:
         n = _side(shape[-1])
-        return torch.Size(shape[:-1]) + (n, n)
+        return (*torch.Size(shape[:-1]), n, n)
 
     def inverse_shape(self, shape: torch.Size) -> torch.Size:
         n = shape[-1]
-        return torch.Size(shape[:-2]) + (n * (n + 1) // 2,)
+        return (*torch.Size(shape[:-2]), n * (n + 1) // 2)
 
 
 @biject_to.register(constraints.lower_cholesky)

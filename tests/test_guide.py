@@ -7,6 +7,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from conftest import CUDA
 from pyro import poutine
 from pyro.infer import (
     SVI,
@@ -20,7 +21,6 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
 from pyro.nn import PyroModule, PyroSample
 
-from conftest import CUDA
 from pyro_flowguides import AutoFlowGuide
 
 DATA = torch.tensor([0.3, 1.2, -0.4, 0.9, 1.5])
@@ -169,7 +169,9 @@ def test_no_parameter_registered_twice():
     names = list(pyro.get_param_store().keys())
     assert len(names) == len(set(names))
     values = [pyro.get_param_store()[n] for n in names]
-    assert len({id(v.unconstrained()) if hasattr(v, "unconstrained") else id(v) for v in values}) == len(values)
+    assert len({id(v.unconstrained()) if hasattr(v, "unconstrained") else id(v) for v in values}) == len(
+        values
+    )
 
 
 @pytest.mark.parametrize("parallel", [False, True])
@@ -270,7 +272,7 @@ def test_subsampled_local_latent_is_refused():
             pyro.sample("x", dist.Normal(z, 1.0), obs=data[idx])
 
     guide = AutoFlowGuide(model, flow="planar")
-    with pytest.raises(ValueError, match="'z' is local to the subsampled plate 'data'.*Amortise"):
+    with pytest.raises(ValueError, match=r"'z' is local to the subsampled plate 'data'.*Amortise"):
         guide(torch.randn(100))
 
 
@@ -278,7 +280,7 @@ def test_discrete_latent_gets_a_hint():
     def model():
         pyro.sample("k", dist.Categorical(torch.ones(3) / 3))
 
-    with pytest.raises(ValueError, match="discrete.*'k'.*enumerat"):
+    with pytest.raises(ValueError, match=r"discrete.*'k'.*enumerat"):
         AutoFlowGuide(model, flow="planar")()
 
 
@@ -308,3 +310,16 @@ def test_cuda_model_gets_cuda_guide():
     guide = AutoFlowGuide(model, flow="orthogonal_sylvester", num_flows=2)
     assert guide()["mu"].device.type == "cuda"
     fit(model, guide, steps=5)
+
+
+def test_stale_param_store_from_another_model_is_a_clear_error():
+    guide = AutoFlowGuide(regression, flow="planar", num_flows=2)
+    guide()
+
+    def bigger():
+        pyro.sample("z", dist.Normal(0.0, 1.0).expand([7]).to_event(1))
+
+    with pytest.raises(
+        ValueError, match=r"param store holds 'AutoFlowGuide.flow\$\$\$0.u'.*clear_param_store"
+    ):
+        AutoFlowGuide(bigger, flow="planar", num_flows=2)()

@@ -12,6 +12,7 @@ This is Pyro's ``ConditionedPlanar`` / ``Planar`` / ``ConditionalPlanar`` patter
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
@@ -85,6 +86,11 @@ class FlowTransform(Transform):
             )
         return {**cls.option_defaults, **options}
 
+    @classmethod
+    def preserves_volume(cls, options: Mapping[str, object]) -> bool:
+        """Whether the layer built with ``options`` has log-determinant 0."""
+        return cls.volume_preserving
+
     # -- what a family defines ------------------------------------------------------------
     @classmethod
     def param_shapes(cls, dim: int, **options: object) -> dict[str, tuple[int, ...]]:
@@ -155,11 +161,11 @@ class FlowModule(TransformModule):
 
     @property
     def volume_preserving(self) -> bool:
-        return self.transform.volume_preserving
+        return self.layer.volume_preserving
 
     @property
     def needs_permutation(self) -> bool:
-        return self.transform.needs_permutation
+        return self.layer.needs_permutation
 
     def _raw_params(self) -> dict[str, Tensor]:
         return dict(self.named_parameters(recurse=False))
@@ -178,8 +184,10 @@ class FlowModule(TransformModule):
         state["_cached_x_y"] = None, None  # tensors inside a graph can be neither copied nor pickled
         return state
 
+    __repr__ = nn.Module.__repr__  # not Transform's bare class name
+
     def extra_repr(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.layer.options.items())
+        opts = "".join(f", {k}={getattr(v, '__name__', v)!r}" for k, v in self.layer.options.items())
         return f"dim={self.dim}{opts}"
 
 
@@ -200,7 +208,7 @@ class Conditioner(nn.Module):
         self.sizes = [math.prod(s) for s in self.shapes.values()]
         widths = [context_dim, *hidden_dims]
         layers: list[nn.Module] = []
-        for n_in, n_out in zip(widths[:-1], widths[1:]):
+        for n_in, n_out in itertools.pairwise(widths):
             layers += [nn.Linear(n_in, n_out), nonlinearity()]
         head = nn.Linear(widths[-1], sum(self.sizes))
         nn.init.zeros_(head.weight)
@@ -213,7 +221,7 @@ class Conditioner(nn.Module):
         batch = out.shape[:-1]
         return {
             name: chunk.reshape(batch + shape)
-            for (name, shape), chunk in zip(self.shapes.items(), out.split(self.sizes, dim=-1))
+            for (name, shape), chunk in zip(self.shapes.items(), out.split(self.sizes, dim=-1), strict=False)
         }
 
 
@@ -250,7 +258,7 @@ class ConditionalFlowModule(ConditionalTransformModule):
 
     @property
     def volume_preserving(self) -> bool:
-        return self.transform.volume_preserving
+        return self.transform.preserves_volume(self.options)
 
     @property
     def needs_permutation(self) -> bool:
