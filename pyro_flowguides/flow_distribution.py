@@ -1,4 +1,4 @@
-"""A diagonal Normal pushed through a stack of flow layers, sampled and scored in one pass."""
+"""A flow posterior ``loc + f(scale ⊙ ε)``, sampled and scored in one pass."""
 
 from __future__ import annotations
 
@@ -17,8 +17,13 @@ _NO_SAMPLE_DIMS = torch.Size()
 
 
 class FlowDistribution(TorchDistribution):
-    r"""``z = f_K ∘ … ∘ f_1(loc + scale ⊙ ε)``, ``ε ~ N(0, I)``, with density
-    ``log q(z) = log N(x₀; loc, scale) - Σ_k log|det ∂f_k/∂x_{k-1}|``.
+    r"""``z = loc + f_K ∘ … ∘ f_1(scale ⊙ ε)``, ``ε ~ N(0, I)``, with density
+    ``log q(z) = log N(ε; 0, I) - Σ log scale - Σ_k log|det ∂f_k/∂x_{k-1}|``.
+
+    The layers act on the *centred* variable ``scale ⊙ ε``, where layers with structure at the
+    origin (radial centres, planar hyperplanes, Householder reflections) start in the middle of
+    the mass whatever ``loc`` is, and the anisotropy of ``scale`` is there for rotations to act on.
+    With identity layers it is ``N(loc, diag(scale²))``.
 
     ``rsample`` computes the sample and its log-density together and keeps the log-density, so
     ``log_prob`` of the value just drawn costs nothing; ``log_prob`` of any other point inverts
@@ -65,17 +70,18 @@ class FlowDistribution(TorchDistribution):
         return FlowDistribution(self.loc.expand(shape), self.scale.expand(shape), self.layers)
 
     def _base_log_prob(self, eps: Tensor) -> Tensor:
+        """``log N(ε; 0, I) - Σ log scale``: the standard normal and the final affine map's Jacobian."""
         return -(0.5 * eps * eps + self.scale.log() + _HALF_LOG_TWO_PI).sum(-1)
 
     def rsample(self, sample_shape: torch.Size = _NO_SAMPLE_DIMS) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        z = self.loc + self.scale * eps
-        log_q = self._base_log_prob(eps)
+        x, log_q = self.scale * eps, self._base_log_prob(eps)
         for layer in self.layers:
-            z_next = layer(z)
-            log_q = log_q - layer.log_abs_det_jacobian(z, z_next)
-            z = z_next
+            x_next = layer(x)
+            log_q = log_q - layer.log_abs_det_jacobian(x, x_next)
+            x = x_next
+        z = self.loc + x
         self._drawn = (z, log_q)
         return z
 
@@ -84,16 +90,16 @@ class FlowDistribution(TorchDistribution):
             return self._drawn[1]
         if self._validate_args:
             self._validate_sample(value)
-        z, log_det = value, value.new_zeros(())
+        x, log_det = value - self.loc, value.new_zeros(())
         for layer in reversed(self.layers):
-            x = layer.inv(z)
-            log_det = log_det + layer.log_abs_det_jacobian(x, z)
-            z = x
-        return self._base_log_prob((z - self.loc) / self.scale) - log_det
+            x_prev = layer.inv(x)
+            log_det = log_det + layer.log_abs_det_jacobian(x_prev, x)
+            x = x_prev
+        return self._base_log_prob(x / self.scale) - log_det
 
     def median_point(self) -> Tensor:
-        """The image of the base location under the flow (the centre of the base, pushed forward)."""
-        z = self.loc
+        """``loc + f(0)``: the image of the base distribution's centre."""
+        x = torch.zeros_like(self.loc)
         for layer in self.layers:
-            z = layer(z)
-        return z
+            x = layer(x)
+        return self.loc + x

@@ -29,11 +29,19 @@ def init_to_feasible_point(site: dict | None = None) -> Tensor | Callable:
     fn = site["fn"]
     transform = biject_to(fn.support)
     shape = transform.inverse_shape(fn.batch_shape + fn.event_shape)
-    like = next(
-        (value for value in vars(fn).values() if isinstance(value, Tensor) and value.is_floating_point()),
-        torch.zeros(()),
-    )
+    like = _a_float_tensor_of(fn)
     return transform(torch.zeros(shape, dtype=like.dtype, device=like.device)).detach()
+
+
+def _a_float_tensor_of(fn: dist.Distribution) -> Tensor:
+    """A floating tensor among ``fn``'s parameters (looking inside wrappers such as ``Independent``),
+    to take dtype and device from; a default-dtype scalar when there is none (``ImproperUniform``)."""
+    for value in vars(fn).values():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            return value
+        if isinstance(value, torch.distributions.Distribution):
+            return _a_float_tensor_of(value)
+    return torch.zeros(())
 
 
 def init_to_median_or_feasible(site: dict | None = None) -> Tensor | Callable:
@@ -46,7 +54,7 @@ def init_to_median_or_feasible(site: dict | None = None) -> Tensor | Callable:
 
 
 class AutoFlowGuide(AutoContinuous):
-    r"""A posterior ``q(z) = (f_K ∘ … ∘ f_1)_# N(loc, diag(scale²))`` over all continuous latents.
+    r"""A posterior ``z = loc + f_K ∘ … ∘ f_1(scale ⊙ ε)``, ``ε ~ N(0, I)``, over all continuous latents.
 
     The latents are unconstrained with ``biject_to`` (Jacobians included) and packed into one
     vector, as in Pyro's other ``AutoContinuous`` guides. ``loc`` starts at ``init_loc_fn``'s values
@@ -153,7 +161,7 @@ class AutoFlowGuide(AutoContinuous):
 
     @torch.no_grad()
     def median(self, *args, **kwargs) -> dict[str, Tensor]:
-        """The flow's image of the base location, constrained, per site.
+        """``loc + f(0)``, the image of the base distribution's centre, constrained, per site.
 
         At initialisation (identity flow) these are the init values; in general it is the point the
         base distribution's centre maps to. For marginal medians use ``quantiles([0.5])``.

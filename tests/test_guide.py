@@ -323,3 +323,11 @@ def test_stale_param_store_from_another_model_is_a_clear_error():
         ValueError, match=r"param store holds 'AutoFlowGuide.flow\$\$\$0.u'.*clear_param_store"
     ):
         AutoFlowGuide(bigger, flow="planar", num_flows=2)()
+
+
+def test_feasible_init_takes_dtype_from_wrapped_distributions():
+    def model():
+        pyro.sample("z", dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1))
+
+    guide = AutoFlowGuide(model, flow="planar")
+    assert guide.median()["z"].dtype == torch.float64

@@ -14,8 +14,8 @@ from .base import ConditionalFlowModule, FlowModule, FlowTransform
 class RadialTransform(FlowTransform):
     r"""``y = z + β h(α, r)(z - z₀)`` with ``h = 1 / (α + r)``, ``r = ‖z - z₀‖``.
 
-    ``α = softplus(α̃) > 0`` and ``β = softplus(β̃ + softplus⁻¹(α)) - α > -α`` (``β = 0`` at ``β̃ = 0``),
-    which makes the map invertible. ``log|det J| = (D - 1) log(1 + βh) + log(1 + βh - βhr/(α + r))``.
+    ``α = softplus(α̃) > 0`` and ``β = softplus(β̃) - α > -α``, which makes the map invertible; at
+    ``α̃ = β̃ = 0`` it is the identity (``β = 0``). ``log|det J| = (D - 1) log(1 + βh) + log(1 + βh - βhr/(α + r))``.
     The inverse is closed form: ``r`` solves ``r² + (α + β - r_y) r - α r_y = 0`` with ``r_y = ‖y - z₀‖``.
 
     Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015, Appendix A.2.
@@ -38,19 +38,17 @@ class RadialTransform(FlowTransform):
     def constrained(self) -> tuple[Tensor, Tensor, Tensor]:
         p = self.raw_params()
         alpha = F.softplus(p["alpha"])
-        # softplus⁻¹(α) = log(expm1(α)) = α + log(-expm1(-α)): stable for large α
-        alpha_inv = alpha + torch.log(-torch.expm1(-alpha))
-        beta = F.softplus(p["beta"] + alpha_inv) - alpha
-        return p["z0"], alpha, beta
+        return p["z0"], alpha, F.softplus(p["beta"]) - alpha
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z0, alpha, beta = self.constrained()
         diff = x - z0
-        r = diff.norm(dim=-1, keepdim=True)
-        h = 1 / (alpha + r)
+        r = diff.pow(2).sum(-1, keepdim=True).sqrt()
+        h = (alpha + r).reciprocal()
         beta_h = beta * h
-        y = x + beta_h * diff
-        log_det = (self.dim - 1) * torch.log1p(beta_h) + torch.log1p(beta_h - beta_h * h * r)
+        y = torch.addcmul(x, beta_h, diff)
+        # 1 + βh + βh'r with h' = -h²: the derivative along the radius
+        log_det = (self.dim - 1) * torch.log1p(beta_h) + torch.log1p(beta_h * alpha * h)
         return y, log_det.squeeze(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:

@@ -240,7 +240,8 @@ class HouseholderSylvesterTransform(SylvesterTransform):
     ``Q`` is ``D×D`` (``M = D``) and never formed: with ``U`` the ``K×D`` matrix of the raw vectors
     ``v_k``, the compact WY form ``Q = I - Uᵀ T U`` has ``T = (striu(UUᵀ) + diag(UUᵀ)/2)⁻¹``
     (``K×K``, computed once per call), so ``Qᵀz`` and ``Qv`` cost O(DK) per sample as a few
-    matrix products instead of ``K`` sequential reflections. Option ``num_householder``
+    matrix products instead of ``K`` sequential reflections; for ``D ≤ 4K`` the dense ``Q`` is
+    formed instead (O(D²) ≤ O(4DK) per sample, fewer operations). Option ``num_householder``
     (``K ≥ 1``; default ``min(D, 8)``: more than ``D`` reflections add nothing, since ``D`` of them
     reach every orthogonal matrix up to column signs, which ``R`` and ``R̃`` absorb; ``K > D`` is
     allowed but redundant, and the WY factor ``T`` is then less well conditioned in float32).
@@ -278,13 +279,20 @@ class HouseholderSylvesterTransform(SylvesterTransform):
         s = torch.triu(gram, diagonal=1) + torch.diag_embed(sq_norms / 2)
         eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
         t = torch.linalg.solve_triangular(s, eye, upper=True)
+        if self.dim <= 4 * u.shape[-2]:  # a dense Q costs no more per sample than the WY products
+            q = torch.eye(self.dim, dtype=u.dtype, device=u.device) - u.mT @ t @ u
+            return (q,)
         return u, t
 
     def project(self, basis: tuple[Tensor, ...], z: Tensor) -> Tensor:
+        if len(basis) == 1:
+            return _matmul(z, basis[0])  # (zᵀQ)ᵀ = Qᵀz
         u, t = basis  # Qᵀz = z - Uᵀ Tᵀ U z
         return z - _matmul(_matmul(_matmul(z, u.mT), t), u)
 
     def lift(self, basis: tuple[Tensor, ...], v: Tensor) -> Tensor:
+        if len(basis) == 1:
+            return _matmul(v, basis[0].mT)
         u, t = basis  # Qv = v - Uᵀ T U v
         return v - _matmul(_matmul(_matmul(v, u.mT), t.mT), u)
 
