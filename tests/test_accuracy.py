@@ -54,7 +54,8 @@ def gap_and_moments(a, make_guide, steps=600):
         svi.step(X)
     log_evidence, mean, sd = exact(a)
     with torch.no_grad():
-        elbo = -Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1).loss(model, guide, X)
+        estimator = Trace_ELBO(num_particles=20000, vectorize_particles=True, max_plate_nesting=1)
+        elbo = -estimator.loss(model, guide, X)
         z = draw_posterior(model, guide, X, num_samples=20000).samples["z"].reshape(-1, D)
     mean_error = ((z.mean(0) - mean).abs() / mean.abs()).max()
     return log_evidence - elbo, float(mean_error), float((z.std(0) / sd - 1).abs().max())

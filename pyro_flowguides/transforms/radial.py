@@ -15,7 +15,8 @@ class RadialTransform(FlowTransform):
     r"""``y = z + β h(α, r)(z - z₀)`` with ``h = 1 / (α + r)``, ``r = ‖z - z₀‖``.
 
     ``α = softplus(α̃) > 0`` and ``β = softplus(β̃) - α > -α``, which makes the map invertible; at
-    ``α̃ = β̃ = 0`` it is the identity (``β = 0``). ``log|det J| = (D - 1) log(1 + βh) + log(1 + βh - βhr/(α + r))``.
+    ``α̃ = β̃ = 0`` it is the identity (``β = 0``).
+    ``log|det J| = (D - 1) log(1 + βh) + log(1 + βh - βhr/(α + r))``.
     The inverse is closed form: ``r`` solves ``r² + (α + β - r_y) r - α r_y = 0`` with ``r_y = ‖y - z₀‖``.
 
     Rezende & Mohamed, "Variational Inference with Normalizing Flows", ICML 2015, Appendix A.2.
