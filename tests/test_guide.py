@@ -21,7 +21,7 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoGuideList, AutoNormal, init_to_value
 from pyro.nn import PyroModule, PyroSample
 
-from pyro_flowguides import AutoFlowGuide
+from pyro_flowguides import AutoFlowGuide, flows
 
 DATA = torch.tensor([0.3, 1.2, -0.4, 0.9, 1.5])
 
@@ -331,3 +331,26 @@ def test_feasible_init_takes_dtype_from_wrapped_distributions():
 
     guide = AutoFlowGuide(model, flow="planar")
     assert guide.median()["z"].dtype == torch.float64
+
+
+def test_flow_as_a_list_of_names_or_a_callable():
+    listed = AutoFlowGuide(regression, flow=["planar", "affine_coupling", "affine_coupling", "lu_linear"])
+    listed()
+    kinds = [type(layer).__name__ for layer in listed.flow]
+    assert kinds == ["Planar", "AffineCoupling", "Reverse", "AffineCoupling", "LULinear", "Reverse"]
+    fit(regression, listed, steps=5)
+
+    pyro.clear_param_store()
+    built = AutoFlowGuide(regression, flow=lambda dim: flows.make("radial", dim), num_flows=3)
+    built()
+    assert [type(layer).__name__ for layer in built.flow] == ["Radial"] * 3
+    fit(regression, built, steps=5)
+
+
+def test_layer_options_pass_through():
+    guide = AutoFlowGuide(regression, flow="orthogonal_sylvester", num_flows=2, num_ortho_vecs=1)
+    guide()
+    (stack,) = guide.flow
+    assert stack.layer.options["num_ortho_vecs"] == 1
+    with pytest.raises(ValueError, match="num_ortho_vecs=3 is larger than the dimension 2"):
+        AutoFlowGuide(regression, flow="orthogonal_sylvester", num_ortho_vecs=3)()

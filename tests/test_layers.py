@@ -333,3 +333,13 @@ def test_one_dimensional_input(name, conditional):
     _, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
     torch.testing.assert_close(t.log_abs_det_jacobian(x, y), reference, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(t.inv(y.clone()), x, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FUSABLE)
+def test_fused_stack_copies_after_use(name):
+    (stack,) = flows.stack(name, DIM, 3).double()
+    x = inputs(torch.float64)
+    y = stack(x)
+    (y.sum() + stack.log_abs_det_jacobian(x, y).sum()).backward()
+    for clone in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
+        torch.testing.assert_close(clone(x), y)

@@ -74,6 +74,7 @@ class FlowTransform(Transform):
         self.options = options
         self._param_source = params
         self._kept: tuple[Tensor, Tensor, Tensor] | None = None
+        self.given_constrained: tuple[Tensor, ...] | None = None
 
     @classmethod
     def resolve_options(cls, options: Mapping[str, object]) -> dict[str, object]:
@@ -111,6 +112,16 @@ class FlowTransform(Transform):
         raise NotImplementedError
 
     # -- shared machinery -----------------------------------------------------------------
+    def constrained(self) -> tuple[Tensor, ...]:
+        """The parameters the maths uses: ``type(self).constrain(raw_params())``, or those given.
+
+        Families with a ``constrain(raw)`` classmethod (which must accept leading batch dimensions)
+        let a fused stack compute it once for all its layers and hand each layer its slice.
+        """
+        if self.given_constrained is not None:
+            return self.given_constrained
+        return self.constrain(self.raw_params())  # type: ignore[attr-defined]
+
     def raw_params(self) -> RawParams:
         source = self._param_source
         return source() if callable(source) else source
@@ -135,6 +146,7 @@ class FlowTransform(Transform):
     def __getstate__(self) -> dict:
         state = super().__getstate__()
         state["_kept"] = None
+        state["given_constrained"] = None
         state["_cached_x_y"] = None, None
         return state
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .base import ConditionalFlowModule, FlowModule, FlowTransform, check_positive_int
+from .base import ConditionalFlowModule, FlowModule, FlowTransform, RawParams, check_positive_int
 from .numerical_inverse import solve_increasing
 
 _LAYER = "GeneralizedPlanar"
@@ -90,12 +90,12 @@ class GeneralizedPlanarTransform(FlowTransform):
         m = cls.resolve_bottleneck(dim, options.get("bottleneck"))
         return {"A": torch.zeros(dim, m), "B": torch.randn(m, dim) / math.sqrt(dim), "b": torch.zeros(m)}
 
-    def constrained(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    @classmethod
+    def constrain(cls, raw: RawParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(A, B, b, K = BA)`` with ``A`` rescaled so that ``‖K‖₂ <= max_contraction``."""
-        p = self.raw_params()
-        a_raw, b_mat, bias = p["A"], p["B"], p["b"]
+        a_raw, b_mat, bias = raw["A"], raw["B"], raw["b"]
         k_raw = b_mat @ a_raw
-        c = self.max_contraction
+        c = cls.max_contraction
         scale = (c / _spectral_norm(k_raw).clamp_min(c))[..., None, None]
         return a_raw * scale, b_mat, bias, k_raw * scale
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ConditionalFlowModule, FlowModule, FlowTransform
+from .base import ConditionalFlowModule, FlowModule, FlowTransform, RawParams
 from .numerical_inverse import solve_increasing
 
 _SOFTPLUS_INV_ONE = math.log(math.e - 1)
@@ -38,10 +38,10 @@ class PlanarTransform(FlowTransform):
     def initial_params(cls, dim: int, **options: object) -> dict[str, Tensor]:
         return {"u": torch.zeros(dim), "w": torch.randn(dim) / math.sqrt(dim), "b": torch.zeros(1)}
 
-    def constrained(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    @classmethod
+    def constrain(cls, raw: RawParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``(û, w, b, ûᵀw)``."""
-        p = self.raw_params()
-        u, w, b = p["u"], p["w"], p["b"]
+        u, w, b = raw["u"], raw["w"], raw["b"]
         wu = (w * u).sum(-1, keepdim=True)
         wu_hat = F.softplus(wu + _SOFTPLUS_INV_ONE) - 1
         w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ConditionalFlowModule, FlowModule, FlowTransform
+from .base import ConditionalFlowModule, FlowModule, FlowTransform, RawParams
 
 
 class RadialTransform(FlowTransform):
@@ -36,10 +36,11 @@ class RadialTransform(FlowTransform):
     def initial_params(cls, dim: int, **options: object) -> dict[str, Tensor]:
         return {"z0": torch.randn(dim) / math.sqrt(dim), "alpha": torch.zeros(1), "beta": torch.zeros(1)}
 
-    def constrained(self) -> tuple[Tensor, Tensor, Tensor]:
-        p = self.raw_params()
-        alpha = F.softplus(p["alpha"])
-        return p["z0"], alpha, F.softplus(p["beta"]) - alpha
+    @classmethod
+    def constrain(cls, raw: RawParams) -> tuple[Tensor, Tensor, Tensor]:
+        """``(z₀, α, β)``."""
+        alpha = F.softplus(raw["alpha"])
+        return raw["z0"], alpha, F.softplus(raw["beta"]) - alpha
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z0, alpha, beta = self.constrained()

@@ -16,7 +16,8 @@ class StackedTransform(FlowTransform):
 
     Every raw parameter of shape ``s`` is stored once with shape ``(K, *s)`` (for conditional
     layers ``batch + (K, *s)``), so an optimiser sees a handful of tensors instead of ``K`` times
-    as many, and a conditioner can emit all layers' parameters at once (the amortised Sylvester
+    as many; families with a ``constrain`` classmethod have it computed once for all ``K`` layers
+    per call; and a conditioner can emit all layers' parameters at once (the amortised Sylvester
     flows of van den Berg et al. 2018, Section 4). ``log|det J| = Σ_k log|det J_k|``. For families
     that need permutations (triangular Sylvester), coordinates are reversed between layers and
     once more at the end when the number of reversals is odd, so the stack keeps their order.
@@ -56,9 +57,21 @@ class StackedTransform(FlowTransform):
         self._ranks = {name: len(shape) for name, shape in layer.param_shapes(dim, **options).items()}
         self.layers = [layer(partial(self._layer_params, k), dim, **options) for k in range(num_layers)]
         self._reverses = layer.needs_permutation
+        self._constrain_once = hasattr(layer, "constrain")
 
     def _layer_params(self, k: int) -> dict[str, Tensor]:
         return {name: p.select(-1 - self._ranks[name], k) for name, p in self.raw_params().items()}
+
+    def _hand_out_constrained(self) -> None:
+        """Constrain every layer's parameters in one vectorised call; give each layer its slice."""
+        if not self._constrain_once:
+            return
+        raw = self.raw_params()
+        name, rank = next(iter(self._ranks.items()))
+        layer_dim = raw[name].dim() - rank - 1  # after any batch (context) dimensions
+        constrained = self.layers[0].constrain(raw)
+        for k, layer in enumerate(self.layers):
+            layer.given_constrained = tuple(c.select(layer_dim, k) for c in constrained)
 
     def _reversals(self) -> list[bool]:
         """Whether to reverse the coordinates after each layer."""
@@ -68,6 +81,7 @@ class StackedTransform(FlowTransform):
         return flags
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._hand_out_constrained()
         log_det = x.new_zeros(())
         for layer, reverse in zip(self.layers, self._reversals(), strict=False):
             x, layer_log_det = layer.forward_and_log_det(x)
@@ -77,6 +91,7 @@ class StackedTransform(FlowTransform):
         return x, log_det.expand(x.shape[:-1])
 
     def inverse_map(self, y: Tensor) -> Tensor:
+        self._hand_out_constrained()
         for layer, reverse in zip(reversed(self.layers), reversed(self._reversals()), strict=False):
             if reverse:
                 y = y.flip(-1)
