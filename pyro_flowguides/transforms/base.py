@@ -147,6 +147,8 @@ class FlowTransform(Transform):
         state = super().__getstate__()
         state["_kept"] = None
         state["given_constrained"] = None
+        if "_raw_slices" in state:
+            state["_raw_slices"] = None
         state["_cached_x_y"] = None, None
         return state
 

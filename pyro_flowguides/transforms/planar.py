@@ -50,9 +50,9 @@ class PlanarTransform(FlowTransform):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u_hat, w, b, wu_hat = self.constrained()
-        act = torch.tanh((x * w).sum(-1, keepdim=True) + b)
-        y = x + u_hat * act
-        log_det = torch.log1p(wu_hat * (1 - act * act)).squeeze(-1)
+        act = torch.tanh(torch.linalg.vecdot(x, w).unsqueeze(-1) + b)
+        y = torch.addcmul(x, u_hat, act)
+        log_det = torch.log1p(wu_hat * (1 - act.square())).squeeze(-1)
         return y, log_det
 
     def inverse_map(self, y: Tensor) -> Tensor:

@@ -58,20 +58,27 @@ class StackedTransform(FlowTransform):
         self.layers = [layer(partial(self._layer_params, k), dim, **options) for k in range(num_layers)]
         self._reverses = layer.needs_permutation
         self._constrain_once = hasattr(layer, "constrain")
+        self._raw_slices: list[dict[str, Tensor]] | None = None
 
     def _layer_params(self, k: int) -> dict[str, Tensor]:
-        return {name: p.select(-1 - self._ranks[name], k) for name, p in self.raw_params().items()}
+        if self._raw_slices is None:  # a layer used on its own, outside forward/inverse
+            self._hand_out_params()
+        return self._raw_slices[k]
 
-    def _hand_out_constrained(self) -> None:
-        """Constrain every layer's parameters in one vectorised call; give each layer its slice."""
-        if not self._constrain_once:
-            return
+    def _hand_out_params(self) -> None:
+        """Give each layer its slice of the stacked parameters, constrained in one vectorised call
+        when the family has ``constrain``. ``unbind`` is one op per parameter (one ``stack`` in the
+        backward pass), where slicing per layer would be one op per parameter and layer."""
         raw = self.raw_params()
         name, rank = next(iter(self._ranks.items()))
         layer_dim = raw[name].dim() - rank - 1  # after any batch (context) dimensions
-        constrained = self.layers[0].constrain(raw)
-        for k, layer in enumerate(self.layers):
-            layer.given_constrained = tuple(c.select(layer_dim, k) for c in constrained)
+        if self._constrain_once:
+            slices = [c.unbind(layer_dim) for c in self.layers[0].constrain(raw)]
+            for layer, given in zip(self.layers, zip(*slices, strict=True), strict=True):
+                layer.given_constrained = given
+        else:
+            unbound = {name: p.unbind(layer_dim) for name, p in raw.items()}
+            self._raw_slices = [{name: p[k] for name, p in unbound.items()} for k in range(len(self.layers))]
 
     def _reversals(self) -> list[bool]:
         """Whether to reverse the coordinates after each layer."""
@@ -81,7 +88,7 @@ class StackedTransform(FlowTransform):
         return flags
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        self._hand_out_constrained()
+        self._hand_out_params()
         log_det = x.new_zeros(())
         for layer, reverse in zip(self.layers, self._reversals(), strict=False):
             x, layer_log_det = layer.forward_and_log_det(x)
@@ -91,7 +98,7 @@ class StackedTransform(FlowTransform):
         return x, log_det.expand(x.shape[:-1])
 
     def inverse_map(self, y: Tensor) -> Tensor:
-        self._hand_out_constrained()
+        self._hand_out_params()
         for layer, reverse in zip(reversed(self.layers), reversed(self._reversals()), strict=False):
             if reverse:
                 y = y.flip(-1)
