@@ -26,13 +26,10 @@ import math
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .base import ConditionalFlowModule, FlowModule, FlowTransform, RawParams, check_positive_int
 from .numerical_inverse import solve_increasing
-
-_LOG_TWO = math.log(2.0)
 
 
 def _matmul(x: Tensor, a: Tensor) -> Tensor:
@@ -46,12 +43,6 @@ def _matmul(x: Tensor, a: Tensor) -> Tensor:
     return (x.unsqueeze(-2) @ a).squeeze(-2)
 
 
-def _log_cosh(x: Tensor) -> Tensor:
-    """``log cosh x`` without overflow."""
-    ax = x.abs()
-    return ax + F.softplus(-2 * ax) - _LOG_TWO
-
-
 class SylvesterTransform(FlowTransform):
     r"""Shared maths of the Sylvester layers: ``y = z + Q R tanh(R̃ Qᵀz + b)``.
 
@@ -62,8 +53,8 @@ class SylvesterTransform(FlowTransform):
 
     ``log|det J| = Σᵢ log(1 + h'ᵢ dᵢ)`` with ``dᵢ = rᵢᵢr̃ᵢᵢ`` is evaluated as
     ``log(tanh²(aᵢ) + h'ᵢ(1 + dᵢ))`` (``aᵢ`` the pre-activation), a sum of non-negative terms with
-    ``1 + dᵢ = cosh(ρᵢ + ρ̃ᵢ) / (cosh ρᵢ cosh ρ̃ᵢ)`` taken in log space, so it stays finite and
-    accurate when ``dᵢ`` rounds to ``-1`` at saturated parameters.
+    ``1 + dᵢ = 2(σ(2ρᵢ)σ(2ρ̃ᵢ) + σ(-2ρᵢ)σ(-2ρ̃ᵢ))``, also a sum of positive terms, so it stays finite
+    and accurate when ``dᵢ`` rounds to ``-1`` at saturated parameters.
 
     Inverse: with ``c = Qᵀy`` and ``v = Qᵀz``, the component of ``z`` orthogonal to ``Q``'s columns
     is left unchanged, and ``v`` solves ``v + R h(R̃v + b) = c``. Row ``i`` of that system involves
@@ -125,7 +116,9 @@ class SylvesterTransform(FlowTransform):
         r_raw, rt_raw = params["r"], params["r_tilde"]
         rho = torch.diagonal(r_raw, dim1=-2, dim2=-1)
         rho_t = torch.diagonal(rt_raw, dim1=-2, dim2=-1)
-        one_plus_d = torch.exp(_log_cosh(rho + rho_t) - _log_cosh(rho) - _log_cosh(rho_t))
+        # 1 + tanh ρ tanh ρ̃ = 2(σ(2ρ)σ(2ρ̃) + σ(-2ρ)σ(-2ρ̃)): positive terms, no cancellation near -1
+        sig = torch.sigmoid(torch.stack([rho, rho_t, -rho, -rho_t]) * 2)
+        one_plus_d = 2 * (sig[0] * sig[1] + sig[2] * sig[3])
         return (
             torch.triu(r_raw, diagonal=1),
             torch.triu(rt_raw, diagonal=1),
