@@ -153,25 +153,15 @@ class FlowTransform(Transform):
         return state
 
 
-class FlowModule(TransformModule):
-    """A learnable layer: a :class:`FlowTransform` whose raw parameters are ``nn.Parameter``."""
+class LayerModule(TransformModule):
+    """A Pyro ``TransformModule`` that owns parameters and hands the maths to ``self.layer``,
+    a :class:`FlowTransform` built in the subclass's ``__init__``."""
 
-    transform: ClassVar[type[FlowTransform]]
     domain = constraints.independent(constraints.real, 1)
     codomain = constraints.independent(constraints.real, 1)
     bijective = True
-
-    def __init__(self, dim: int, **options: object) -> None:
-        super().__init__(cache_size=1)
-        layer = type(self).__name__
-        check_positive_int(dim, "dim", layer)
-        options = self.transform.resolve_options(options)
-        shapes = self.transform.param_shapes(dim, **options)
-        initial = self.transform.initial_params(dim, **options)
-        for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(initial[name].reshape(shape).clone()))
-        self.dim = dim
-        self.layer = self.transform(self._raw_params, dim, **options)
+    layer: FlowTransform
+    dim: int
 
     @property
     def volume_preserving(self) -> bool:
@@ -180,9 +170,6 @@ class FlowModule(TransformModule):
     @property
     def needs_permutation(self) -> bool:
         return self.layer.needs_permutation
-
-    def _raw_params(self) -> dict[str, Tensor]:
-        return dict(self.named_parameters(recurse=False))
 
     def _call(self, x: Tensor) -> Tensor:
         return self.layer._call(x)
@@ -203,6 +190,27 @@ class FlowModule(TransformModule):
     def extra_repr(self) -> str:
         opts = "".join(f", {k}={getattr(v, '__name__', v)!r}" for k, v in self.layer.options.items())
         return f"dim={self.dim}{opts}"
+
+
+class FlowModule(LayerModule):
+    """A learnable layer: a :class:`FlowTransform` whose raw parameters are ``nn.Parameter``."""
+
+    transform: ClassVar[type[FlowTransform]]
+
+    def __init__(self, dim: int, **options: object) -> None:
+        super().__init__(cache_size=1)
+        layer = type(self).__name__
+        check_positive_int(dim, "dim", layer)
+        options = self.transform.resolve_options(options)
+        shapes = self.transform.param_shapes(dim, **options)
+        initial = self.transform.initial_params(dim, **options)
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(initial[name].reshape(shape).clone()))
+        self.dim = dim
+        self.layer = self.transform(self._raw_params, dim, **options)
+
+    def _raw_params(self) -> dict[str, Tensor]:
+        return dict(self.named_parameters(recurse=False))
 
 
 class Conditioner(nn.Module):

@@ -22,11 +22,9 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from pyro.distributions.conditional import ConditionalTransformModule
-from pyro.distributions.torch_transform import TransformModule
 from torch import Tensor, nn
-from torch.distributions import constraints
 
-from .base import FlowTransform, check_event_dim, check_positive_int
+from .base import FlowTransform, LayerModule, check_event_dim, check_positive_int
 
 #: ``x_a -> raw parameters`` (flat, ``batch + (out_dim,)``): what a coupling transform is given.
 Conditioner = Callable[[Tensor], Tensor]
@@ -294,7 +292,7 @@ class AffineCouplingTransform(CouplingTransform):
 
 
 # -- modules --------------------------------------------------------------------------------------
-class NetworkFlowModule(TransformModule):
+class NetworkFlowModule(LayerModule):
     """A learnable layer whose parameters are a network of its input (coupling, autoregressive).
 
     The transform class builds the network (``build_net``) and validates the options
@@ -302,10 +300,6 @@ class NetworkFlowModule(TransformModule):
     """
 
     transform: ClassVar[type[NetworkFlowTransform]]
-    domain = constraints.independent(constraints.real, 1)
-    codomain = constraints.independent(constraints.real, 1)
-    bijective = True
-    needs_permutation = True
 
     def __init__(self, dim: int, **options: object) -> None:
         super().__init__(cache_size=1)
@@ -313,30 +307,6 @@ class NetworkFlowModule(TransformModule):
         self.dim = dim
         self.net = self.transform.build_net(dim, 0, options)
         self.layer = self.transform(self.transform.bind_context(self.net, None), dim, **options)
-
-    @property
-    def volume_preserving(self) -> bool:
-        return self.transform.volume_preserving
-
-    def _call(self, x: Tensor) -> Tensor:
-        return self.layer._call(x)
-
-    def _inverse(self, y: Tensor) -> Tensor:
-        return self.layer._inverse(y)
-
-    def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
-        return self.layer.log_abs_det_jacobian(x, y)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__()
-        state["_cached_x_y"] = None, None  # tensors inside a graph can be neither copied nor pickled
-        return state
-
-    __repr__ = nn.Module.__repr__  # not Transform's bare class name
-
-    def extra_repr(self) -> str:
-        opts = "".join(f", {k}={v!r}" for k, v in self.layer.options.items())
-        return f"dim={self.dim}{opts}"
 
 
 class ConditionalNetworkFlowModule(ConditionalTransformModule):
