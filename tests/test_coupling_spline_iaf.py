@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from conftest import jacobian_blocks
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch.distributions import constraints
 
@@ -44,12 +45,6 @@ def bind(layer, x, scale=1.0, seed=1):
 def points(scale=2.0, n=N, dim=DIM, seed=2):
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(n, dim, generator=g, dtype=torch.float64)
-
-
-def jacobian_blocks(t, x):
-    full = torch.autograd.functional.jacobian(lambda v: t(v), x)
-    idx = torch.arange(x.shape[0])
-    return full[idx, :, idx, :]
 
 
 # -- exactness ----------------------------------------------------------------------------------

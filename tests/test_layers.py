@@ -11,7 +11,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import CUDA
+from conftest import CUDA, jacobian_blocks
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -46,13 +46,6 @@ def apply_to(layer, x, context_scale=1.0, seed=1):
         context = context_scale * torch.randn((*x.shape[:-1], CONTEXT), generator=g)
         return layer.condition(context.to(x.dtype))
     return layer
-
-
-def jacobian_blocks(transform, x):
-    """Per-row Jacobians ∂y_i/∂x_i, shape (N, D, D)."""
-    full = torch.autograd.functional.jacobian(lambda v: transform(v), x)
-    idx = torch.arange(x.shape[0])
-    return full[idx, :, idx, :]
 
 
 def inputs(dtype, scale=2.0, seed=2, n=N, dim=DIM):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import jacobian_blocks
 from pyro.distributions.conditional import ConditionalTransformModule
 
 from pyro_flowguides import flows
@@ -52,12 +53,6 @@ def sample(n=N, scale=2.0, seed=2, dtype=torch.float64):
 def expected_sign(name, opts):
     """``det J > 0`` everywhere, except for an odd number of reflections (``det = -1``)."""
     return -1.0 if name == "householder" and opts.get("num_reflections", 4) % 2 else 1.0
-
-
-def jacobian_blocks(t, x):
-    full = torch.autograd.functional.jacobian(lambda v: t(v), x)
-    idx = torch.arange(x.shape[0])
-    return full[idx, :, idx, :]
 
 
 @pytest.mark.parametrize(("name", "opts", "conditional"), CASES)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import jacobian_blocks
 
 from pyro_flowguides import flows
 from pyro_flowguides.transforms.permutation import Reverse
@@ -55,12 +56,6 @@ def transform_for(layer, x, context_scale=1.0):
 def inputs(scale=1.0, n=N, dim=DIM, seed=2):
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(n, dim, generator=g, dtype=torch.float64)
-
-
-def jacobian_blocks(t, x):
-    full = torch.autograd.functional.jacobian(lambda v: t(v), x)
-    idx = torch.arange(x.shape[0])
-    return full[idx, :, idx, :]
 
 
 @pytest.mark.parametrize(("name", "conditional"), ALL_CASES)
