@@ -43,6 +43,9 @@ def _matmul(x: Tensor, a: Tensor) -> Tensor:
     return (x.unsqueeze(-2) @ a).squeeze(-2)
 
 
+_FOLD_MAX_M = 64  # largest M for which Q is folded into R and R̃ once per call
+
+
 class SylvesterTransform(FlowTransform):
     r"""Shared maths of the Sylvester layers: ``y = z + Q R tanh(R̃ Qᵀz + b)``.
 
@@ -117,8 +120,8 @@ class SylvesterTransform(FlowTransform):
         rho = torch.diagonal(r_raw, dim1=-2, dim2=-1)
         rho_t = torch.diagonal(rt_raw, dim1=-2, dim2=-1)
         # 1 + tanh ρ tanh ρ̃ = 2(σ(2ρ)σ(2ρ̃) + σ(-2ρ)σ(-2ρ̃)): positive terms, no cancellation near -1
-        sig = torch.sigmoid(torch.stack([rho, rho_t, -rho, -rho_t]) * 2)
-        one_plus_d = 2 * (sig[0] * sig[1] + sig[2] * sig[3])
+        s_r, s_rt, s_neg_r, s_neg_rt = torch.sigmoid(torch.stack([rho, rho_t, -rho, -rho_t]) * 2).unbind(0)
+        one_plus_d = 2 * (s_r * s_rt + s_neg_r * s_neg_rt)
         return (
             torch.triu(r_raw, diagonal=1),
             torch.triu(rt_raw, diagonal=1),
@@ -137,9 +140,18 @@ class SylvesterTransform(FlowTransform):
         p = self.raw_params()
         basis = self.basis(p)
         r, r_tilde, r_diag, rt_diag, one_plus_d = self.triangular(p)
-        v = self.project(basis, x)
-        act = torch.tanh(_matmul(v, r_tilde.mT) + rt_diag * v + p["b"])
-        y = x + self.lift(basis, _matmul(act, r.mT) + r_diag * act)
+        if len(basis) == 1 and r.shape[-1] <= _FOLD_MAX_M:
+            # an explicit Q and a small M: fold it into A = QR and B = R̃Qᵀ once per call (O(DM²)),
+            # so that each sample costs two products, y = z + tanh(zBᵀ + b)Aᵀ
+            q = basis[0]
+            a = q @ (r + torch.diag_embed(r_diag))
+            b_mat = (r_tilde + torch.diag_embed(rt_diag)) @ q.mT
+            act = torch.tanh(_matmul(x, b_mat.mT) + p["b"])
+            y = x + _matmul(act, a.mT)
+        else:
+            v = self.project(basis, x)
+            act = torch.tanh(_matmul(v, r_tilde.mT) + rt_diag * v + p["b"])
+            y = x + self.lift(basis, _matmul(act, r.mT) + r_diag * act)
         log_det = torch.log(self._slope(act, one_plus_d)).sum(-1)
         return y, log_det
 
