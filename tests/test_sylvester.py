@@ -165,7 +165,7 @@ def test_initial_layer_is_identity_with_gradients(name, conditional):
     torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
     assert (log_det.abs() < 1e-12).all()
     (y.pow(3).sum() + log_det.sum()).backward()
-    r_grad = layer.r.grad if not conditional else layer.conditioner.net[-1].bias.grad
+    r_grad = layer.r.grad if not conditional else layer.conditioner.head.bias.grad
     assert r_grad.abs().sum() > 0
 
 

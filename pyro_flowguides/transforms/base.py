@@ -213,8 +213,35 @@ class FlowModule(LayerModule):
         return dict(self.named_parameters(recurse=False))
 
 
-class Conditioner(nn.Module):
-    """MLP ``context -> raw parameters``; starts at ``initial`` for every context (last layer zero)."""
+class ZeroHeadMLP(nn.Module):
+    """ReLU MLP ``in_dim -> len(initial)`` whose last layer starts at zero weight and bias ``initial``,
+    so every input gives ``initial`` (a flow layer starts as the identity); with no input at all
+    (``in_dim = 0``) the output is a learned constant."""
+
+    def __init__(self, in_dim: int, hidden_dims: Sequence[int], initial: Tensor) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList()
+        self.head: nn.Linear | None = None
+        if in_dim == 0:
+            self.constant = nn.Parameter(initial.reshape(-1).clone())
+            return
+        widths = [in_dim, *hidden_dims]
+        self.layers.extend(nn.Linear(n_in, n_out) for n_in, n_out in itertools.pairwise(widths))
+        self.head = nn.Linear(widths[-1], initial.numel())
+        nn.init.zeros_(self.head.weight)
+        with torch.no_grad():
+            self.head.bias.copy_(initial.reshape(-1))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.head is None:
+            return self.constant.expand(h.shape[:-1] + self.constant.shape)
+        for layer in self.layers:
+            h = torch.relu(layer(h))
+        return self.head(h)
+
+
+class Conditioner(ZeroHeadMLP):
+    """MLP ``context -> raw parameters`` (a dict shaped by ``shapes``), starting at ``initial``."""
 
     def __init__(
         self,
@@ -222,28 +249,17 @@ class Conditioner(nn.Module):
         shapes: Mapping[str, tuple[int, ...]],
         initial: Mapping[str, Tensor],
         hidden_dims: Sequence[int],
-        nonlinearity: Callable[[], nn.Module] = nn.ReLU,
     ) -> None:
-        super().__init__()
-        self.context_dim = context_dim
+        super().__init__(context_dim, hidden_dims, torch.cat([initial[name].reshape(-1) for name in shapes]))
         self.shapes = dict(shapes)
         self.sizes = [math.prod(s) for s in self.shapes.values()]
-        widths = [context_dim, *hidden_dims]
-        layers: list[nn.Module] = []
-        for n_in, n_out in itertools.pairwise(widths):
-            layers += [nn.Linear(n_in, n_out), nonlinearity()]
-        head = nn.Linear(widths[-1], sum(self.sizes))
-        nn.init.zeros_(head.weight)
-        with torch.no_grad():
-            head.bias.copy_(torch.cat([initial[name].reshape(-1) for name in self.shapes]))
-        self.net = nn.Sequential(*layers, head)
 
-    def forward(self, context: Tensor) -> dict[str, Tensor]:
-        out = self.net(context)
+    def forward(self, context: Tensor) -> dict[str, Tensor]:  # type: ignore[override]
+        out = super().forward(context)
         batch = out.shape[:-1]
         return {
             name: chunk.reshape(batch + shape)
-            for (name, shape), chunk in zip(self.shapes.items(), out.split(self.sizes, dim=-1), strict=False)
+            for (name, shape), chunk in zip(self.shapes.items(), out.split(self.sizes, dim=-1), strict=True)
         }
 
 

@@ -16,15 +16,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
-from itertools import pairwise
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
-from .base import FlowTransform, LayerModule, check_event_dim, check_positive_int
+from .base import FlowTransform, LayerModule, ZeroHeadMLP, check_event_dim, check_positive_int
 
 #: ``x_a -> raw parameters`` (flat, ``batch + (out_dim,)``): what a coupling transform is given.
 Conditioner = Callable[[Tensor], Tensor]
@@ -65,34 +63,15 @@ def cat_context(x: Tensor, context: Tensor) -> Tensor:
     return torch.cat([x.expand(batch + x.shape[-1:]), context.expand(batch + context.shape[-1:])], dim=-1)
 
 
-class CouplingNet(nn.Module):
-    """MLP ``cat(x_a, context) -> raw parameters`` of a coupling layer; ReLU hidden layers.
-
-    The last layer starts at zero weight and bias ``initial``, so every input gives the initial
-    (identity) parameters. ``context`` (conditional layers) broadcasts against ``x_a``'s batch shape.
-    """
+class CouplingNet(ZeroHeadMLP):
+    """MLP ``cat(x_a, context) -> raw parameters`` of a coupling layer, starting at ``initial`` for
+    every input. ``context`` (conditional layers) broadcasts against ``x_a``'s batch shape."""
 
     def __init__(self, in_dim: int, context_dim: int, hidden_dims: Sequence[int], initial: Tensor) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList()
-        self.head: nn.Linear | None = None
-        if in_dim + context_dim == 0:  # one coordinate, no context: the parameters are learned constants
-            self.constant = nn.Parameter(initial.reshape(-1).clone())
-            return
-        widths = [in_dim + context_dim, *hidden_dims]
-        self.layers.extend(nn.Linear(n_in, n_out) for n_in, n_out in pairwise(widths))
-        self.head = nn.Linear(widths[-1], initial.numel())
-        nn.init.zeros_(self.head.weight)
-        with torch.no_grad():
-            self.head.bias.copy_(initial.reshape(-1))
+        super().__init__(in_dim + context_dim, hidden_dims, initial)
 
-    def forward(self, x_a: Tensor, context: Tensor | None = None) -> Tensor:
-        if self.head is None:
-            return self.constant.expand(x_a.shape[:-1] + self.constant.shape)
-        h = x_a if context is None else cat_context(x_a, context)
-        for layer in self.layers:
-            h = torch.relu(F.linear(h, layer.weight, layer.bias))
-        return F.linear(h, self.head.weight, self.head.bias)
+    def forward(self, x_a: Tensor, context: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x_a if context is None else cat_context(x_a, context))
 
 
 class NetworkFlowTransform(FlowTransform):
