@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from typing import ClassVar
 
@@ -50,7 +51,7 @@ def check_positive_int(value: object, option: str, layer: str, upper: int | None
     return value
 
 
-class FlowTransform(Transform):
+class FlowTransform(Transform, metaclass=ABCMeta):
     """Parameter-free maths of one invertible layer ``y = f(x; θ)`` with an exact log-determinant.
 
     Subclasses define :meth:`param_shapes`, :meth:`initial_params` (raw values at which the
@@ -95,21 +96,22 @@ class FlowTransform(Transform):
     # -- what a family defines ------------------------------------------------------------
     @classmethod
     def param_shapes(cls, dim: int, **options: object) -> dict[str, tuple[int, ...]]:
-        """Shapes of the raw parameters; also validates ``options``."""
-        raise NotImplementedError
+        """Shapes of the raw parameters; also validates ``options``. None by default (a parameter-free
+        layer, or one whose parameters are a network's output)."""
+        return {}
 
     @classmethod
     def initial_params(cls, dim: int, **options: object) -> dict[str, Tensor]:
         """Raw parameter values to start from: the identity map, symmetry broken where needed."""
         return {name: torch.zeros(shape) for name, shape in cls.param_shapes(dim, **options).items()}
 
+    @abstractmethod
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``y = f(x)`` and ``log|det ∂y/∂x|`` (shape ``x.shape[:-1]``)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def inverse_map(self, y: Tensor) -> Tensor:
         """Return ``x = f^{-1}(y)``."""
-        raise NotImplementedError
 
     # -- shared machinery -----------------------------------------------------------------
     def constrained(self) -> tuple[Tensor, ...]:

@@ -14,6 +14,7 @@ the identity map.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import ClassVar
@@ -91,19 +92,19 @@ class NetworkFlowTransform(FlowTransform):
         self.conditioner = conditioner
 
     @classmethod
+    @abstractmethod
     def check_options(cls, dim: object, layer: str, options: Mapping[str, object]) -> dict[str, object]:
         """Fill in the defaults of ``options`` and validate them; ``ValueError`` naming ``layer``."""
-        raise NotImplementedError
 
     @classmethod
+    @abstractmethod
     def build_net(cls, dim: int, context_dim: int, options: Mapping[str, object]) -> nn.Module:
         """The network (taking a context of ``context_dim`` when it is > 0), starting at the identity."""
-        raise NotImplementedError
 
     @staticmethod
+    @abstractmethod
     def bind_context(net: nn.Module, context: Tensor | None) -> Callable:
         """The conditioner callable for a fixed context (``None`` for an unconditional network)."""
-        raise NotImplementedError
 
 
 class CouplingTransform(NetworkFlowTransform):
@@ -171,13 +172,13 @@ class CouplingTransform(NetworkFlowTransform):
         return partial(net, context=context)
 
     # -- what a coupling family defines ------------------------------------------------------
+    @abstractmethod
     def couple(self, x_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         """``y_b`` and the log-determinant (summed over the last dimension)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> Tensor:
         """``x_b`` from ``y_b``."""
-        raise NotImplementedError
 
     # -- shared machinery -------------------------------------------------------------------
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:

@@ -17,10 +17,6 @@ class ReverseTransform(FlowTransform):
 
     volume_preserving = True
 
-    @classmethod
-    def param_shapes(cls, dim: int, **options: object) -> dict[str, tuple[int, ...]]:
-        return {}
-
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return x.flip(-1), x.new_zeros(x.shape[:-1])
 

@@ -23,6 +23,7 @@ above, which is not that map's. The layers here implement the paper's map.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from typing import ClassVar
 
 import torch
@@ -71,9 +72,9 @@ class SylvesterTransform(FlowTransform):
 
     # -- what a Q family defines ----------------------------------------------------------
     @classmethod
+    @abstractmethod
     def basis_shapes(cls, dim: int, **options: object) -> tuple[int, dict[str, tuple[int, ...]]]:
         """``(M, shapes of Q's raw parameters)``; validates ``options``."""
-        raise NotImplementedError
 
     @classmethod
     def initial_basis(cls, dim: int, **options: object) -> dict[str, Tensor]:
@@ -84,13 +85,13 @@ class SylvesterTransform(FlowTransform):
         """What :meth:`project` and :meth:`lift` need, computed once per call."""
         return ()
 
+    @abstractmethod
     def project(self, basis: tuple[Tensor, ...], z: Tensor) -> Tensor:
         """``Qᵀz`` for row vectors ``z`` of shape ``(..., D)``; returns ``(..., M)``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def lift(self, basis: tuple[Tensor, ...], v: Tensor) -> Tensor:
         """``Qv`` for row vectors ``v`` of shape ``(..., M)``; returns ``(..., D)``."""
-        raise NotImplementedError
 
     # -- shared -----------------------------------------------------------------------------
     @classmethod
