@@ -1,5 +1,6 @@
 import pytest
 import torch
+from pyro.distributions.conditional import ConditionalTransformModule
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -9,3 +10,13 @@ def jacobian_blocks(transform, x):
     full = torch.autograd.functional.jacobian(lambda v: transform(v), x)
     idx = torch.arange(x.shape[0])
     return full[idx, :, idx, :]
+
+
+def condition_rows(layer, x, context_scale=1.0, seed=1):
+    """The layer itself, or a conditional layer conditioned on one random context per row of ``x``."""
+    if isinstance(layer, ConditionalTransformModule):
+        g = torch.Generator().manual_seed(seed)
+        shape = (*x.shape[:-1], layer.context_dim)
+        # drawn in one dtype and cast, so float32 and float64 copies of a layer see the same contexts
+        return layer.condition((context_scale * torch.randn(shape, generator=g)).to(x.dtype))
+    return layer

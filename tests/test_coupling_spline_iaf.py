@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import jacobian_blocks
-from pyro.distributions.conditional import ConditionalTransformModule
+from conftest import condition_rows, jacobian_blocks
 from torch.distributions import constraints
 
 from pyro_flowguides import flows
@@ -33,15 +32,6 @@ def make(name, conditional, scale=1.0, seed=0, dim=DIM, **options):
     return layer
 
 
-def bind(layer, x, scale=1.0, seed=1):
-    """The layer itself, or the layer conditioned on one random context per row of ``x``."""
-    if isinstance(layer, ConditionalTransformModule):
-        g = torch.Generator().manual_seed(seed)
-        context = scale * torch.randn((*x.shape[:-1], CONTEXT), generator=g, dtype=x.dtype)
-        return layer.condition(context)
-    return layer
-
-
 def points(scale=2.0, n=N, dim=DIM, seed=2):
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(n, dim, generator=g, dtype=torch.float64)
@@ -52,7 +42,7 @@ def points(scale=2.0, n=N, dim=DIM, seed=2):
 def test_log_det_matches_slogdet_of_autograd_jacobian(name, conditional):
     layer = make(name, conditional)
     x = points()
-    t = bind(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
@@ -69,7 +59,7 @@ def test_two_hidden_layers_and_other_split(name, conditional):
     options = {"hidden_dims": [12, 12]} | ({} if name == "iaf" else {"split_dim": 3})
     layer = make(name, conditional, **options)
     x = points()
-    t = bind(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     reference = torch.linalg.slogdet(jacobian_blocks(t, x))[1]
     torch.testing.assert_close(t.log_abs_det_jacobian(x, y), reference, rtol=1e-6, atol=1e-9)
@@ -80,7 +70,7 @@ def test_two_hidden_layers_and_other_split(name, conditional):
 def test_inverse_round_trip(name, conditional):
     layer = make(name, conditional)
     x = points()
-    t = bind(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     torch.testing.assert_close(t.inv(y.clone()), x, rtol=1e-6, atol=1e-6)
     z = points(seed=5)
@@ -92,7 +82,7 @@ def test_inverse_round_trip(name, conditional):
 def test_extreme_parameters_and_inputs(name, conditional, input_scale):
     layer = make(name, conditional, scale=100.0)
     x = points(scale=2 * input_scale, n=12).requires_grad_()
-    t = bind(layer, x.detach(), scale=100.0)
+    t = condition_rows(layer, x.detach(), context_scale=100.0)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     assert torch.isfinite(y).all() and torch.isfinite(log_det).all()
@@ -111,7 +101,7 @@ def test_spline_finite_gradients_at_and_beyond_the_bound(conditional):
     layer = make("neural_spline", conditional, scale=100.0, bound=bound)
     edge = torch.tensor([-1e6, -bound - 1e-9, -bound, bound, bound + 1e-9, 1e6], dtype=torch.float64)
     x = torch.stack([edge.roll(k) for k in range(DIM)], dim=-1).requires_grad_()  # every coordinate
-    t = bind(layer, x.detach(), scale=100.0)
+    t = condition_rows(layer, x.detach(), context_scale=100.0)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     (y.sum() + log_det.sum()).backward()
@@ -158,7 +148,7 @@ def test_spline_function_is_the_identity_at_zero_and_continuous_at_the_knots():
 def test_gradients_reach_every_parameter(name, conditional):
     layer = make(name, conditional)
     x = points()
-    t = bind(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     (y.pow(2).sum() + t.log_abs_det_jacobian(x, y).sum()).backward()
     for pname, p in layer.named_parameters():
@@ -171,7 +161,7 @@ def test_initial_layer_is_the_identity(name, conditional):
     torch.manual_seed(0)
     layer = flows.make(name, DIM, context_dim=CONTEXT if conditional else None).double()
     x = points()
-    t = bind(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
     torch.testing.assert_close(t.log_abs_det_jacobian(x, y), torch.zeros(N, dtype=torch.float64))
@@ -218,7 +208,7 @@ def test_context_broadcasts_against_sample_and_batch_shapes(name):
 def test_float32_end_to_end(name, conditional):
     layer = flows.make(name, DIM, context_dim=CONTEXT if conditional else None)
     x = torch.randn(N, DIM)
-    t = bind(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     assert y.dtype == log_det.dtype == t.inv(y.clone()).dtype == torch.float32
@@ -267,7 +257,7 @@ def test_coupling_with_one_coordinate_rejects_a_split():
 @pytest.mark.parametrize(("name", "conditional"), CASES)
 def test_wrong_input_and_context_dimension(name, conditional):
     layer = make(name, conditional)
-    t = bind(layer, points())
+    t = condition_rows(layer, points())
     with pytest.raises(
         ValueError, match=rf"expected input with last dimension {DIM}, got shape \({N}, {DIM + 1}\)"
     ):

@@ -11,10 +11,9 @@ import pickle
 
 import pytest
 import torch
-from conftest import CUDA, jacobian_blocks
+from conftest import CUDA, condition_rows, jacobian_blocks
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pyro.distributions.conditional import ConditionalTransformModule
 
 from pyro_flowguides import flows
 from pyro_flowguides.transforms.permutation import Reverse
@@ -39,15 +38,6 @@ def build(name, conditional, dtype=torch.float64, dim=DIM, seed=0, scale=1.0, **
     return layer.to(dtype)
 
 
-def apply_to(layer, x, context_scale=1.0, seed=1):
-    """The transform for a batch: conditioned on one random context per row of ``x``."""
-    if isinstance(layer, ConditionalTransformModule):
-        g = torch.Generator().manual_seed(seed)
-        context = context_scale * torch.randn((*x.shape[:-1], CONTEXT), generator=g)
-        return layer.condition(context.to(x.dtype))
-    return layer
-
-
 def inputs(dtype, scale=2.0, seed=2, n=N, dim=DIM):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(n, dim, generator=g)).to(dtype)
@@ -57,7 +47,7 @@ def inputs(dtype, scale=2.0, seed=2, n=N, dim=DIM):
 def test_log_det_matches_autograd_jacobian(name, conditional):
     layer = build(name, conditional)
     x = inputs(torch.float64)
-    t = apply_to(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     assert log_det.shape == x.shape[:-1] and log_det.dtype == torch.float64
@@ -74,7 +64,7 @@ def test_float32_agrees_with_float64(name, conditional):
     layer64 = build(name, conditional)
     layer32 = copy.deepcopy(layer64).float()
     x = inputs(torch.float64)
-    t64, t32 = apply_to(layer64, x), apply_to(layer32, x.float())
+    t64, t32 = condition_rows(layer64, x), condition_rows(layer32, x.float())
     y64, y32 = t64(x), t32(x.float())
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32.double(), y64, rtol=1e-4, atol=1e-4)
@@ -86,9 +76,9 @@ def test_float32_agrees_with_float64(name, conditional):
 def test_log_det_of_any_point_not_only_cached_samples(name, conditional):
     layer = build(name, conditional)
     x = inputs(torch.float64)
-    t = apply_to(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
-    fresh = apply_to(layer, x)  # a new transform with nothing cached
+    fresh = condition_rows(layer, x)  # a new transform with nothing cached
     torch.testing.assert_close(fresh.log_abs_det_jacobian(x.clone(), y.clone()), t.log_abs_det_jacobian(x, y))
 
 
@@ -97,7 +87,7 @@ def test_log_det_of_any_point_not_only_cached_samples(name, conditional):
 def test_inverse_round_trip(name, conditional, dtype):
     layer = build(name, conditional, dtype)
     x = inputs(dtype)
-    t = apply_to(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     x_back = t.inv(y.clone())  # clone: score a point the layer did not produce itself
     if dtype == torch.float64:
@@ -114,7 +104,7 @@ def test_inverse_round_trip(name, conditional, dtype):
 def test_jacobian_nonsingular_with_one_sign_at_extreme_parameters(name, conditional, input_scale):
     layer = build(name, conditional, scale=100.0)
     x = inputs(torch.float64, scale=input_scale, n=12)
-    t = apply_to(layer, x, context_scale=100.0)
+    t = condition_rows(layer, x, context_scale=100.0)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
@@ -127,7 +117,7 @@ def test_jacobian_nonsingular_with_one_sign_at_extreme_parameters(name, conditio
 def test_gradients_reach_every_parameter(name, conditional):
     layer = build(name, conditional)
     x = inputs(torch.float64)
-    t = apply_to(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     # a random linear loss: |y|² would be blind to orthogonal layers (Householder), whose gradient is 0
     weights = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(3))
@@ -158,19 +148,19 @@ def test_batch_and_sample_shapes_broadcast(name, conditional):
 def test_state_dict_pickle_and_dtype(name, conditional):
     layer = build(name, conditional)
     x = inputs(torch.float64)
-    expected = apply_to(layer, x)(x)
+    expected = condition_rows(layer, x)(x)
     other = build(name, conditional, seed=123)
     other.load_state_dict(layer.state_dict())
-    torch.testing.assert_close(apply_to(other, x)(x), expected)
+    torch.testing.assert_close(condition_rows(other, x)(x), expected)
     buffer = io.BytesIO()
     torch.save(layer.state_dict(), buffer)
     buffer.seek(0)
     other.load_state_dict(torch.load(buffer, weights_only=True))
-    torch.testing.assert_close(apply_to(other, x)(x), expected)
+    torch.testing.assert_close(condition_rows(other, x)(x), expected)
     for clone in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer)):
-        torch.testing.assert_close(apply_to(clone, x)(x), expected)
+        torch.testing.assert_close(condition_rows(clone, x)(x), expected)
     as32 = copy.deepcopy(layer).to(torch.float32)
-    y32 = apply_to(as32, x.float())(x.float())
+    y32 = condition_rows(as32, x.float())(x.float())
     assert y32.dtype == torch.float32
     torch.testing.assert_close(y32, expected.float(), rtol=1e-3, atol=1e-3)
 
@@ -180,7 +170,7 @@ def test_initial_layer_is_near_identity(name, conditional):
     torch.manual_seed(0)
     layer = flows.make(name, DIM, context_dim=CONTEXT if conditional else None).double()
     x = inputs(torch.float64)
-    t = apply_to(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     if name == "lu_linear" or not getattr(layer, "needs_permutation", False):
         torch.testing.assert_close(y, x, atol=1e-2, rtol=0)
@@ -233,7 +223,7 @@ def test_wrong_input_and_context_dimension(name, conditional):
     if conditional:
         with pytest.raises(ValueError, match=rf"context.*(last dimension|size|dim).*{CONTEXT}"):
             layer.condition(torch.randn(N, CONTEXT + 2, dtype=torch.float64))
-    t = apply_to(layer, inputs(torch.float64))
+    t = condition_rows(layer, inputs(torch.float64))
     with pytest.raises(ValueError, match=rf"{DIM}.*{DIM + 1}|{DIM + 1}.*{DIM}"):
         t(x)
 
@@ -309,7 +299,7 @@ def test_conditional_fused_stack(name):
         for p in stack.parameters():
             p.normal_()
     x = inputs(torch.float64)
-    t = apply_to(stack, x)
+    t = condition_rows(stack, x)
     y = t(x)
     _, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
     torch.testing.assert_close(t.log_abs_det_jacobian(x, y), reference, rtol=1e-6, atol=1e-6)
@@ -321,7 +311,7 @@ def test_one_dimensional_input(name, conditional):
     """A model with a single latent gets a working layer of every family."""
     layer = build(name, conditional, dim=1)
     x = inputs(torch.float64, dim=1)
-    t = apply_to(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     _, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
     torch.testing.assert_close(t.log_abs_det_jacobian(x, y), reference, rtol=1e-6, atol=1e-6)

@@ -2,8 +2,7 @@
 
 import pytest
 import torch
-from conftest import jacobian_blocks
-from pyro.distributions.conditional import ConditionalTransformModule
+from conftest import condition_rows, jacobian_blocks
 
 from pyro_flowguides import flows
 from pyro_flowguides.transforms.generalized_planar import GeneralizedPlanarTransform
@@ -37,14 +36,6 @@ def build(name, opts, conditional, scale=1.0, seed=0, dtype=torch.float64):
     return layer.to(dtype)
 
 
-def transform_for(layer, x, context_scale=1.0):
-    if isinstance(layer, ConditionalTransformModule):
-        g = torch.Generator().manual_seed(1)
-        context = context_scale * torch.randn((*x.shape[:-1], CONTEXT), generator=g, dtype=x.dtype)
-        return layer.condition(context)
-    return layer
-
-
 def sample(n=N, scale=2.0, seed=2, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
     return (scale * torch.randn(n, DIM, generator=g, dtype=torch.float64)).to(dtype)
@@ -59,7 +50,7 @@ def expected_sign(name, opts):
 def test_log_det_and_inverse_at_random_parameters(name, opts, conditional):
     layer = build(name, opts, conditional)
     x = sample()
-    t = transform_for(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
@@ -78,7 +69,7 @@ def test_log_det_and_inverse_at_random_parameters(name, opts, conditional):
 def test_extreme_parameters_keep_one_jacobian_sign(name, opts, conditional, input_scale):
     layer = build(name, opts, conditional, scale=100.0)
     x = sample(n=12, scale=input_scale)
-    t = transform_for(layer, x, context_scale=100.0)
+    t = condition_rows(layer, x, context_scale=100.0)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
@@ -92,7 +83,7 @@ def test_extreme_parameters_keep_one_jacobian_sign(name, opts, conditional, inpu
 def test_gradients_reach_every_parameter(name, opts, conditional):
     layer = build(name, opts, conditional)
     x = sample()
-    t = transform_for(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     weights = sample(seed=4)  # not |y|²: a Householder layer keeps norms
     ((y * weights).sum() + t.log_abs_det_jacobian(x, y).sum()).backward()
@@ -118,7 +109,7 @@ def test_starts_near_identity_and_float32(name, opts, conditional):
     torch.manual_seed(0)
     layer = flows.make(name, DIM, context_dim=CONTEXT if conditional else None, **opts)
     x = sample(dtype=torch.float32)
-    y = transform_for(layer, x)(x)
+    y = condition_rows(layer, x)(x)
     assert y.dtype == torch.float32
     odd_reflections = name == "householder" and opts.get("num_reflections", 4) % 2 == 1
     if not odd_reflections:

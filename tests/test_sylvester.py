@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import jacobian_blocks
+from conftest import condition_rows, jacobian_blocks
 
 from pyro_flowguides import flows
 from pyro_flowguides.transforms.permutation import Reverse
@@ -45,14 +45,6 @@ def build(name, conditional, seed=0, scale=1.0, dim=DIM):
     return layer
 
 
-def transform_for(layer, x, context_scale=1.0):
-    if isinstance(layer, torch.nn.Module) and hasattr(layer, "condition"):
-        g = torch.Generator().manual_seed(1)
-        context = context_scale * torch.randn((*x.shape[:-1], CONTEXT), generator=g, dtype=x.dtype)
-        return layer.condition(context)
-    return layer
-
-
 def inputs(scale=1.0, n=N, dim=DIM, seed=2):
     g = torch.Generator().manual_seed(seed)
     return scale * torch.randn(n, dim, generator=g, dtype=torch.float64)
@@ -62,7 +54,7 @@ def inputs(scale=1.0, n=N, dim=DIM, seed=2):
 def test_log_det_matches_slogdet_of_autograd_jacobian(name, conditional):
     layer = build(name, conditional)
     x = inputs(2.0)
-    t = transform_for(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     sign, reference = torch.linalg.slogdet(jacobian_blocks(t, x))
@@ -76,7 +68,7 @@ def test_log_det_matches_slogdet_of_autograd_jacobian(name, conditional):
 def test_inverse_round_trip(name, conditional):
     layer = build(name, conditional)
     x = inputs(2.0)
-    t = transform_for(layer, x)
+    t = condition_rows(layer, x)
     torch.testing.assert_close(t.inv(t(x).clone()), x, rtol=1e-6, atol=1e-6)
     y = inputs(3.0, seed=5)
     torch.testing.assert_close(t(t.inv(y).clone()), y, rtol=1e-6, atol=1e-6)
@@ -85,7 +77,7 @@ def test_inverse_round_trip(name, conditional):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_orthogonal_columns(conditional):
     layer = build("orthogonal", conditional)
-    t = transform_for(layer, inputs())
+    t = condition_rows(layer, inputs())
     t = getattr(t, "layer", t)  # the maths behind an unconditional module
     q = t.basis(t.raw_params())[0]
     assert q.shape[-2:] == (DIM, 4)
@@ -96,7 +88,7 @@ def test_orthogonal_columns(conditional):
 @pytest.mark.parametrize("conditional", [False, True])
 def test_householder_basis_is_the_product_of_reflections(conditional):
     layer = build("householder", conditional)
-    t = transform_for(layer, inputs())
+    t = condition_rows(layer, inputs())
     t = getattr(t, "layer", t)
     p = t.raw_params()
     basis = t.basis(p)
@@ -115,7 +107,7 @@ def test_householder_basis_is_the_product_of_reflections(conditional):
 def test_extreme_parameters_and_inputs(name, conditional):
     layer = build(name, conditional, scale=100.0)
     x = inputs(100.0, n=12)
-    t = transform_for(layer, x, context_scale=100.0)
+    t = condition_rows(layer, x, context_scale=100.0)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     assert torch.isfinite(y).all() and torch.isfinite(log_det).all()
@@ -144,7 +136,7 @@ def test_log_det_finite_where_the_diagonal_product_rounds_to_minus_one():
 def test_gradients_reach_every_parameter(name, conditional):
     layer = build(name, conditional)
     x = inputs(2.0)
-    t = transform_for(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     (y.pow(2).sum() + t.log_abs_det_jacobian(x, y).sum()).backward()
     for pname, p in layer.named_parameters():
@@ -159,7 +151,7 @@ def test_initial_layer_is_identity_with_gradients(name, conditional):
     plain, cond, options = VARIANTS[name]
     layer = (cond(DIM, context_dim=CONTEXT, **options) if conditional else plain(DIM, **options)).double()
     x = inputs(2.0)
-    t = transform_for(layer, x)
+    t = condition_rows(layer, x)
     y = t(x)
     log_det = t.log_abs_det_jacobian(x, y)
     torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
