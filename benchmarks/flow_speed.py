@@ -206,6 +206,31 @@ def counterparts(name: str, dim: int, layer: nn.Module, max_weights: int) -> lis
 
         return make
 
+    def coupling_contenders(
+        pyro_name, pyro_factory, hidden, default, params_per_coordinate, zuko_label, zuko_options
+    ):
+        """Pyro's coupling layer at its default widths (unless too big) and at ours; zuko's at [64, 64]
+        and at ours."""
+        split = dim // 2
+        weights = mlp_weights([split, *default, (dim - split) * params_per_coordinate])
+        label = f"pyro {pyro_name} {default}"
+        rows = [
+            too_big(label, weights)
+            if weights > max_weights
+            else pyro_module(label, lambda: pyro_factory(dim))
+        ]
+        rows.append(pyro_module(f"pyro {pyro_name} {hidden}", lambda: pyro_factory(dim, hidden_dims=hidden)))
+        for widths in ([64, 64], hidden):
+            rows.append(
+                zuko_module(
+                    f"{zuko_label} {widths}",
+                    lambda widths=widths: MaskedAutoregressiveTransform(
+                        features=dim, context=0, passes=2, hidden_features=widths, **zuko_options
+                    ),
+                )
+            )
+        return rows
+
     out: list[Callable[[], Contender]] = []
     if name == "planar":
         out.append(pyro_module("pyro Planar", lambda: pyro_t.Planar(dim)))
@@ -242,59 +267,26 @@ def counterparts(name: str, dim: int, layer: nn.Module, max_weights: int) -> lis
                 )
             )
     elif name == "affine_coupling":
-        hidden = hidden_dims_of(layer)
-        split = dim // 2
-        default = [10 * dim]
-        weights = mlp_weights([split, *default, 2 * (dim - split)])
-        label = f"pyro affine_coupling {default}"
-        if weights > max_weights:
-            out.append(too_big(label, weights))
-        else:
-            out.append(pyro_module(label, lambda: pyro_t.affine_coupling(dim)))
-        out.append(
-            pyro_module(
-                f"pyro affine_coupling {hidden}", lambda: pyro_t.affine_coupling(dim, hidden_dims=hidden)
-            )
+        out += coupling_contenders(
+            "affine_coupling",
+            pyro_t.affine_coupling,
+            hidden_dims_of(layer),
+            [10 * dim],
+            2,
+            "zuko MAT(passes=2)",
+            {},
         )
-        for widths in ([64, 64], hidden):
-            out.append(
-                zuko_module(
-                    f"zuko MAT(passes=2) {widths}",
-                    lambda widths=widths: MaskedAutoregressiveTransform(
-                        features=dim, context=0, passes=2, hidden_features=widths
-                    ),
-                )
-            )
     elif name == "neural_spline":
-        hidden = hidden_dims_of(layer)
-        split = dim // 2
-        default = [10 * dim, 10 * dim]
         bins = 8
-        weights = mlp_weights([split, *default, (dim - split) * (4 * bins - 1)])
-        label = f"pyro spline_coupling {default}"
-        if weights > max_weights:
-            out.append(too_big(label, weights))
-        else:
-            out.append(pyro_module(label, lambda: pyro_t.spline_coupling(dim)))
-        out.append(
-            pyro_module(
-                f"pyro spline_coupling {hidden}", lambda: pyro_t.spline_coupling(dim, hidden_dims=hidden)
-            )
+        out += coupling_contenders(
+            "spline_coupling",
+            pyro_t.spline_coupling,
+            hidden_dims_of(layer),
+            [10 * dim, 10 * dim],
+            4 * bins - 1,
+            f"zuko MAT(passes=2, RQS {bins} bins)",
+            {"univariate": MonotonicRQSTransform, "shapes": [(bins,), (bins,), (bins - 1,)]},
         )
-        for widths in ([64, 64], hidden):
-            out.append(
-                zuko_module(
-                    f"zuko MAT(passes=2, RQS {bins} bins) {widths}",
-                    lambda widths=widths: MaskedAutoregressiveTransform(
-                        features=dim,
-                        context=0,
-                        passes=2,
-                        univariate=MonotonicRQSTransform,
-                        shapes=[(bins,), (bins,), (bins - 1,)],
-                        hidden_features=widths,
-                    ),
-                )
-            )
     return out
 
 
