@@ -328,6 +328,13 @@ def _is_plateau(optim: PyroOptim) -> bool:
 # -- fit ------------------------------------------------------------------------------------------
 
 
+def _describe(value: object) -> str:
+    """``module.Name`` of a class, or ``a Name`` for an instance."""
+    if isinstance(value, type):
+        return f"the class {value.__module__}.{value.__qualname__}"
+    return f"a {type(value).__name__}"
+
+
 def _positive_int(value: object, name: str, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"fit: {name} must be an integer >= {minimum}, got {value!r}")
@@ -366,8 +373,8 @@ def fit(
     for ``num_steps`` steps. With ``data`` (an iterable of batches, e.g. a ``DataLoader``; a
     batch is a tensor, a tuple of positional arguments or a dict of keyword arguments), each
     step takes the next batch and calls ``model(*batch, **model_kwargs)``, for ``epochs`` passes
-    over ``data`` or ``num_steps`` steps; arguments that stay the same go in ``model_kwargs``. ``num_steps`` and ``epochs`` count from the start of the run,
-    also when resuming.
+    over ``data`` or ``num_steps`` steps; arguments that stay the same go in ``model_kwargs``.
+    ``num_steps`` and ``epochs`` count from the start of the run, also when resuming.
 
     **The step.** ``loss`` (default ``Trace_ELBO()``; any Pyro ELBO or a callable
     ``loss(model, guide, *args, **kwargs)`` returning a differentiable tensor) computes the loss
@@ -482,17 +489,16 @@ class _Trainer:
     def _validate_options(self, model: Callable, guide: Callable) -> None:
         if not callable(model) or not callable(guide):
             raise TypeError(
-                f"fit: model and guide must be callables, got {type(model).__name__} and "
-                f"{type(guide).__name__}"
+                f"fit: model and guide must be callables, got {_describe(model)} and {_describe(guide)}"
             )
         if not isinstance(self.optim, PyroOptim):
             raise TypeError(
                 f"fit: optim must be a Pyro optimizer such as pyro.optim.Adam({{'lr': 1e-3}}), got "
-                f"{type(self.optim).__name__}; Pyro's wrappers create a torch optimizer for each parameter "
+                f"{_describe(self.optim)}; Pyro's wrappers create a torch optimizer for each parameter "
                 f"as the guide creates it"
             )
         if not (hasattr(self.loss, "loss_and_grads") or callable(self.loss)):
-            raise TypeError(f"fit: loss must be a Pyro ELBO or a callable, got {type(self.loss).__name__}")
+            raise TypeError(f"fit: loss must be a Pyro ELBO or a callable, got {_describe(self.loss)}")
         if self.data is None:
             if self.epochs is not None:
                 raise ValueError("fit: epochs counts passes over data; give data=... or use num_steps")
@@ -645,8 +651,8 @@ class _Trainer:
         with poutine.trace(param_only=True) as capture:
             try:
                 loss = self._loss_and_grads(args, kwargs)
-            except ValueError as error:  # torch's argument validation met a NaN or infinity
-                if "found invalid values" not in str(error):
+            except ValueError as error:  # torch's validation of a distribution's parameters
+                if not ("Expected parameter" in str(error) and "found invalid values" in str(error)):
                     raise
                 invalid, loss = error, math.nan
         params = {site["name"]: site["value"].unconstrained() for site in capture.trace.nodes.values()}
