@@ -825,8 +825,11 @@ class _Trainer:
                 self.stop = True
 
     def _flush(self) -> None:
-        """Move the recorded losses into the history (a synchronisation when they live on a GPU)."""
-        self.history.loss.extend(float(x) for x in self.pending)
+        """Move the recorded losses into the history: one synchronisation when they live on a GPU."""
+        if self.pending and all(isinstance(x, Tensor) for x in self.pending):
+            self.history.loss.extend(torch.stack(self.pending).double().tolist())
+        else:
+            self.history.loss.extend(float(x) for x in self.pending)
         self.pending.clear()
 
     # -- checkpoints ------------------------------------------------------------------------------
