@@ -68,6 +68,18 @@ def make(name: str, dim: int, *, context_dim: int | None = None, **options: obje
     return conditional(dim, context_dim=context_dim, **options)
 
 
+def parameters_from_context(name: str) -> bool:
+    """Whether family ``name``'s conditional layers compute all their parameters from the context
+    alone (planar, radial, Sylvester, …: a network ``context -> parameters``), rather than feeding the
+    context into a network that also reads the layer's inputs (coupling, IAF, spline).
+
+    >>> parameters_from_context("orthogonal_sylvester"), parameters_from_context("affine_coupling")
+    (True, False)
+    """
+    _, conditional = _classes(name)
+    return isinstance(conditional, type) and issubclass(conditional, ConditionalFlowModule)
+
+
 def _classes(name: str) -> tuple[Callable[..., TransformModule], Callable[..., ConditionalTransformModule]]:
     if name in _USER_LAYERS:
         unconditional, conditional = _USER_LAYERS[name]

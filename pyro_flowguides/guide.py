@@ -1,13 +1,16 @@
-"""``AutoFlowGuide``: a Pyro autoguide whose posterior is a normalizing flow over all latents."""
+"""``AutoFlowGuide``: a Pyro autoguide whose posterior is a normalizing flow, amortised or not."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.distributions import constraints
+from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
@@ -16,6 +19,7 @@ from torch import Tensor
 from torch.distributions import biject_to
 
 from . import flows
+from .amortisation import Amortised, AmortisedFlow, DataSummary, build_encoder, resolve_conditioning
 from .flow_distribution import FlowDistribution
 
 
@@ -54,12 +58,18 @@ def init_to_median_or_feasible(site: dict | None = None) -> Tensor | Callable:
 
 
 class AutoFlowGuide(AutoContinuous):
-    r"""A posterior ``z = loc + f_K ∘ … ∘ f_1(scale ⊙ ε)``, ``ε ~ N(0, I)``, over all continuous latents.
+    r"""A posterior ``z = loc + f_K ∘ … ∘ f_1(scale ⊙ ε)``, ``ε ~ N(0, I)``, over continuous latents.
 
-    The latents are unconstrained with ``biject_to`` (Jacobians included) and packed into one
+    The global latents are unconstrained with ``biject_to`` (Jacobians included) and packed into one
     vector, as in Pyro's other ``AutoContinuous`` guides. ``loc`` starts at ``init_loc_fn``'s values
     and ``scale`` at ``init_scale``; every flow layer starts at (or next to) the identity, so before
     any step ``median()`` returns the init values.
+
+    With ``amortised=Amortised(plate, inputs, ...)`` the latents local to ``plate`` get a posterior
+    per item, ``q(z_i | x_i)``, a flow whose parameters an encoder computes from the item's inputs
+    (see :mod:`pyro_flowguides.amortisation`); the plate may subsample. With
+    ``summary=DataSummary(inputs, ...)`` the global posterior is conditioned on a summary of the
+    whole data set instead of having its own parameters.
 
     :param model: a Pyro model.
     :param flow: a registered layer name (see :func:`pyro_flowguides.flows.available`), a list of
@@ -67,6 +77,9 @@ class AutoFlowGuide(AutoContinuous):
     :param num_flows: how many layers of ``flow`` when it is a single name or a callable.
     :param init_loc_fn: per-site initialisation, as in Pyro's autoguides.
     :param init_scale: initial scale of the base distribution (unconstrained space).
+    :param amortised: amortise the latents local to a plate (:class:`~pyro_flowguides.Amortised`).
+    :param summary: condition the global latents on a data-set summary
+        (:class:`~pyro_flowguides.DataSummary`).
     :param flow_options: passed to every layer, e.g. ``num_ortho_vecs=8``, ``hidden_dims=[64]``.
 
     >>> import pyro, pyro.distributions as dist, torch
@@ -87,6 +100,8 @@ class AutoFlowGuide(AutoContinuous):
         *,
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
+        amortised: Amortised | None = None,
+        summary: DataSummary | None = None,
         **flow_options: object,
     ) -> None:
         if not isinstance(init_scale, int | float) or not init_scale > 0:
@@ -96,20 +111,103 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"unknown flow layer {flow!r}; available: {', '.join(flows.available())}")
         if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
             raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+        if amortised is not None and not isinstance(amortised, Amortised):
+            raise TypeError(f"amortised must be an Amortised(...) specification, got {amortised!r}")
+        if summary is not None and not isinstance(summary, DataSummary):
+            raise TypeError(f"summary must be a DataSummary(...) specification, got {summary!r}")
         self._flow_spec = flow
         self._num_flows = num_flows if isinstance(flow, str) or callable(flow) else 1
         self._flow_options = flow_options
         self._init_scale = init_scale
+        self._amortised = amortised
+        self._summary = summary
+        self._local_sites: dict[str, tuple[dict, torch.Size]] = {}
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
+        if self._amortised is not None:
+            self._split_local_sites(self._amortised.plate)
         self._refuse_subsampled_locals()
+        if self.latent_dim:
+            self._setup_global_posterior(*args, **kwargs)
+        if self._local_sites:
+            self._setup_local_posterior(*args, **kwargs)
+
+    def _setup_global_posterior(self, *args, **kwargs) -> None:
         init_loc = self._init_loc()
-        self.loc = PyroParam(init_loc, constraint=constraints.real)
-        self.scale = PyroParam(torch.full_like(init_loc, self._init_scale), constraint=self.scale_constraint)
-        layers = flows.stack(self._flow_spec, self.latent_dim, self._num_flows, **self._flow_options)
-        self.flow = layers.to(device=init_loc.device, dtype=init_loc.dtype)
+        if self._summary is None:
+            self.loc = PyroParam(init_loc, constraint=constraints.real)
+            self.scale = PyroParam(
+                torch.full_like(init_loc, self._init_scale), constraint=self.scale_constraint
+            )
+            layers = flows.stack(self._flow_spec, self.latent_dim, self._num_flows, **self._flow_options)
+            self.flow = layers.to(device=init_loc.device, dtype=init_loc.dtype)
+        else:
+            example = self._summary.inputs(*args, **kwargs)
+            self.global_posterior = self._amortised_flow(self._summary, example, init_loc, items=False)
+
+    def _setup_local_posterior(self, *args, **kwargs) -> None:
+        spec = self._amortised
+        per_item = [
+            biject_to(site["fn"].support).inv(site["value"].detach()).reshape(site["value"].shape[0], -1)
+            for site, _ in self._local_sites.values()
+        ]
+        init_loc = torch.cat(per_item, dim=-1).mean(0)
+        example = self._encoder_inputs(spec, *args, **kwargs)[:8]
+        self.local_posterior = self._amortised_flow(spec, example, init_loc, items=True)
+
+    def _amortised_flow(self, spec, example: Tensor, init_loc: Tensor, *, items: bool) -> AmortisedFlow:
+        owner = f"AutoFlowGuide({type(spec).__name__})"
+        encoder = build_encoder(spec, example, items=items)
+        if spec.encoder is None:
+            encoder.to(device=init_loc.device, dtype=init_loc.dtype)
+        with torch.no_grad():
+            h = encoder(example)
+        if not isinstance(h, Tensor) or h.dim() < 1 or h.dtype != init_loc.dtype:
+            got = f"{h.dtype} {tuple(h.shape)}" if isinstance(h, Tensor) else type(h).__name__
+            raise ValueError(
+                f"{owner}: the encoder must return a {init_loc.dtype} tensor of shape (..., H) for "
+                f"inputs of shape {tuple(example.shape)}, got {got}; move it with "
+                f"encoder.to({init_loc.dtype}) or fix its output"
+            )
+        flow = spec.flow if spec.flow is not None else self._flow_spec
+        if not isinstance(flow, str) and callable(flow):
+            raise ValueError(f"{owner}: the guide's flow is a callable; give the amortised flow by name")
+        num_flows = spec.num_flows if spec.num_flows is not None else self._num_flows
+        options = {**self._flow_options, **spec.flow_options}
+        options = resolve_conditioning(flow, spec.conditioning, options)
+        posterior = AmortisedFlow(
+            encoder, h.shape[-1], init_loc, self._init_scale, flow, num_flows, **options
+        )
+        for part in (posterior.base, posterior.layers):
+            part.to(device=init_loc.device, dtype=init_loc.dtype)
+        return posterior
+
+    def _split_local_sites(self, plate: str) -> None:
+        """Take the latents local to ``plate`` out of the packed global vector."""
+        for name, site in list(self.prototype_trace.iter_stochastic_nodes()):
+            frames = [f for f in site["cond_indep_stack"] if f.vectorized]
+            if plate not in [f.name for f in frames]:
+                continue
+            batch_shape = site["fn"].batch_shape
+            if len(frames) != 1 or frames[0].dim != -1 or len(batch_shape) != 1:
+                raise ValueError(
+                    f"AutoFlowGuide(amortised): latent site {name!r} must sit in plate {plate!r} alone, "
+                    f"with the plate at dim=-1 and batch shape (items,); got plates "
+                    f"{[(f.name, f.dim) for f in frames]} and batch shape {tuple(batch_shape)}. Declare "
+                    f"per-item dimensions as event dimensions (.to_event) and the plate with dim=-1"
+                )
+            self._local_sites[name] = (site, self._unconstrained_shapes.pop(name)[1:])
+            del self._cond_indep_stacks[name]
+            self.prototype_trace.remove_node(name)
+        if not self._local_sites:
+            plates = sorted(self._prototype_frames)
+            raise ValueError(
+                f"AutoFlowGuide(amortised): no latent site of the model is in plate {plate!r}; "
+                f"plates with latent sites: {plates or 'none'}"
+            )
+        self.latent_dim = sum(shape.numel() for shape in self._unconstrained_shapes.values())
 
     def _refuse_subsampled_locals(self) -> None:
         for name, site in self.prototype_trace.iter_stochastic_nodes():
@@ -119,37 +217,136 @@ class AutoFlowGuide(AutoContinuous):
                         f"AutoFlowGuide: latent site {name!r} is local to the subsampled plate "
                         f"{frame.name!r} (subsample {frame.size} of {frame.full_size}); one flow over "
                         f"all latents would tie its values to minibatch positions. Amortise it "
-                        f"(an encoder gives each data point its posterior), or hide the site with "
-                        f"poutine.block and give it a guide of its own."
+                        f"(amortised=Amortised(plate={frame.name!r}, inputs=...): an encoder gives "
+                        f"each data point its posterior), or hide the site with poutine.block and "
+                        f"give it a guide of its own."
                     )
+
+    def forward(self, *args, **kwargs) -> dict[str, Tensor]:
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        result = {}
+        if self.latent_dim:
+            latent = self.sample_latent(*args, **kwargs)
+            for site, unconstrained in self._unpack_latent(latent):
+                with ExitStack() as stack:
+                    for frame in self._cond_indep_stacks[site["name"]]:
+                        stack.enter_context(plates[frame.name])
+                    result[site["name"]] = self._sample_site(site, unconstrained)
+        if self._local_sites:
+            inputs = self._encoder_inputs(self._amortised, *args, **kwargs)
+            with plates[self._amortised.plate] as indices:
+                posterior = self._registered("local_posterior")(self._rows_at(inputs, indices))
+                latent = pyro.sample(
+                    f"_{self._pyro_name}_local_latent", posterior, infer={"is_auxiliary": True}
+                )
+                for site, unconstrained in self._unpack_local(latent):
+                    result[site["name"]] = self._sample_site(site, unconstrained)
+        return result
+
+    @staticmethod
+    def _sample_site(site: dict, unconstrained: Tensor) -> Tensor:
+        """Sample ``site`` at ``biject_to(support)(unconstrained)``, with the Jacobian as its density."""
+        transform = biject_to(site["fn"].support)
+        value = transform(unconstrained)
+        event_dim = site["fn"].event_dim
+        if poutine.get_mask() is False:
+            log_density = 0.0
+        else:
+            log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
+        return pyro.sample(site["name"], dist.Delta(value, log_density=log_density, event_dim=event_dim))
+
+    @staticmethod
+    def _encoder_inputs(spec, *args, **kwargs) -> Tensor:
+        inputs = spec.inputs(*args, **kwargs)
+        if not isinstance(inputs, Tensor):
+            raise TypeError(
+                f"AutoFlowGuide({type(spec).__name__}): inputs(*args, **kwargs) must return a tensor, "
+                f"got {type(inputs).__name__}"
+            )
+        return inputs
+
+    def _create_plates(self, *args, **kwargs) -> dict[str, pyro.plate]:
+        """The model's plates; an amortised plate over the items passed in (not subsampling: a
+        minibatch argument of any size) is sized by the rows ``inputs`` returns this time."""
+        spec, frames = self._amortised, self._prototype_frames
+        if spec is None or self.master is not None or self.create_plates is not None:
+            return super()._create_plates(*args, **kwargs)
+        frame = frames[spec.plate]
+        if frame.full_size not in (None, frame.size):
+            return super()._create_plates(*args, **kwargs)
+        items = self._encoder_inputs(spec, *args, **kwargs).shape[0]
+        frames[spec.plate] = frame._replace(size=items, full_size=items)
+        try:
+            return super()._create_plates(*args, **kwargs)
+        finally:
+            frames[spec.plate] = frame
+
+    def _rows_at(self, inputs: Tensor, indices: Tensor) -> Tensor:
+        """The encoder inputs of the items at ``indices``: ``inputs`` holds either those items or
+        the whole plate."""
+        if inputs.shape[0] == indices.shape[0]:
+            return inputs
+        frame = self._prototype_frames[self._amortised.plate]
+        full_size = frame.full_size or frame.size
+        if inputs.shape[0] != full_size:
+            raise ValueError(
+                f"AutoFlowGuide(Amortised): inputs has {inputs.shape[0]} rows, but plate "
+                f"{frame.name!r} has {full_size} items (subsample {indices.shape[0]}); inputs must "
+                f"return one row per item of the plate, or per item of the subsample"
+            )
+        return inputs.index_select(0, indices.to(inputs.device))
+
+    def _unpack_local(self, latent: Tensor) -> Iterator[tuple[dict, Tensor]]:
+        """``(site, unconstrained value)`` per local site from per-item latents ``(..., items, D)``."""
+        pos = 0
+        for site, event_shape in self._local_sites.values():
+            size = event_shape.numel()
+            yield site, latent[..., pos : pos + size].reshape(latent.shape[:-1] + event_shape)
+            pos += size
 
     def get_base_dist(self) -> dist.Distribution:
         return dist.Normal(self.loc, self.scale).to_event(1)
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution:
-        """The flow posterior over the packed unconstrained latent vector."""
-        return FlowDistribution(self.loc, self.scale, self._registered_flow())
+        """The flow posterior over the packed unconstrained global latents."""
+        if self._summary is not None:
+            inputs = self._encoder_inputs(self._summary, *args, **kwargs)
+            return self._registered("global_posterior")(inputs)
+        return FlowDistribution(self.loc, self.scale, self._registered("flow"))
 
-    def _registered_flow(self) -> torch.nn.ModuleList:
-        """The layers, registered with Pyro's param store.
+    def local_posterior_for(self, *args, **kwargs) -> FlowDistribution:
+        """The amortised posterior of every item's packed unconstrained local latents, batch shape
+        ``(items,)``, for the model's arguments (all rows that ``inputs`` returns)."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if not self._local_sites:
+            raise ValueError("AutoFlowGuide: this guide has no amortised local latents")
+        with self._pyro_context:
+            return self._registered("local_posterior")(self._encoder_inputs(self._amortised, *args, **kwargs))
 
-        ``self.flow`` would register them without taking values loaded into the store (by
+    def _registered(self, name: str) -> torch.nn.Module:
+        """Submodule ``name``, registered with Pyro's param store.
+
+        ``self.<name>`` would register it without taking values loaded into the store (by
         ``ParamStore.load``); this registration copies those in. Not under JIT tracing, where
         the parameters are the trace's inputs.
         """
-        flow = self._modules["flow"]
+        module = self._modules[name]
         if self._pyro_context.active:
-            name = self._pyro_get_fullname("flow")
+            full_name = self._pyro_get_fullname(name)
             if torch._C._get_tracing_state() is None:
-                self._check_store_shapes(name, flow)
-                pyro.module(name, flow, update_module_params=True)
+                self._check_store_shapes(full_name, module)
+                pyro.module(full_name, module, update_module_params=True)
             else:
-                pyro.module(name, flow)
-        return flow
+                pyro.module(full_name, module)
+        return module
 
-    def _check_store_shapes(self, name: str, flow: torch.nn.Module) -> None:
+    def _check_store_shapes(self, name: str, module: torch.nn.Module) -> None:
         store = pyro.get_param_store()
-        for param_name, param in flow.named_parameters():
+        for param_name, param in module.named_parameters():
             full_name = param_with_module_name(name, param_name)
             if full_name in store and store[full_name].shape != param.shape:
                 raise ValueError(
@@ -164,29 +361,47 @@ class AutoFlowGuide(AutoContinuous):
         """``loc + f(0)``, the image of the base distribution's centre, constrained, per site.
 
         At initialisation (identity flow) these are the init values; in general it is the point the
-        base distribution's centre maps to. For marginal medians use ``quantiles([0.5])``.
+        base distribution's centre maps to. For marginal medians use ``quantiles([0.5])``. Local
+        latents get one value per item that ``inputs`` returns for these arguments.
         """
-        return self._unpack_and_constrain(self._current_posterior(*args, **kwargs).median_point())
+        result = {}
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        if self.latent_dim:
+            result.update(
+                self._constrain(self._unpack_latent(self._current_posterior(*args, **kwargs).median_point()))
+            )
+        if self._local_sites:
+            result.update(
+                self._constrain(self._unpack_local(self.local_posterior_for(*args, **kwargs).median_point()))
+            )
+        return result
 
     @torch.no_grad()
     def quantiles(self, quantiles: list[float] | Tensor, *args, num_samples: int = 4000, **kwargs) -> dict:
         """Marginal quantiles per site, estimated from ``num_samples`` draws of the flow."""
-        posterior = self._current_posterior(*args, **kwargs)
-        q = torch.as_tensor(quantiles, dtype=self.loc.dtype, device=self.loc.device)
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        draws = {}
+        if self.latent_dim:
+            posterior = self._current_posterior(*args, **kwargs)
+            draws.update(self._constrain(self._unpack_latent(posterior.rsample((num_samples,)))))
+        if self._local_sites:
+            posterior = self.local_posterior_for(*args, **kwargs)
+            draws.update(self._constrain(self._unpack_local(posterior.rsample((num_samples,)))))
+        like = next(iter(draws.values()))
+        q = torch.as_tensor(quantiles, dtype=like.dtype, device=like.device)
         if q.dim() != 1 or not ((q >= 0) & (q <= 1)).all():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles!r}")
-        draws = self._unpack_and_constrain(posterior.rsample((num_samples,)))
         return {name: torch.quantile(value, q, dim=0) for name, value in draws.items()}
 
     def _current_posterior(self, *args, **kwargs) -> FlowDistribution:
-        """The posterior with the param store's current values (also those loaded into it)."""
+        """The global posterior with the param store's current values (also those loaded into it)."""
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
         with self._pyro_context:
             return self.get_posterior(*args, **kwargs)
 
-    def _unpack_and_constrain(self, latent: Tensor) -> dict[str, Tensor]:
-        return {
-            site["name"]: biject_to(site["fn"].support)(unconstrained)
-            for site, unconstrained in self._unpack_latent(latent)
-        }
+    @staticmethod
+    def _constrain(pairs: Iterator[tuple[dict, Tensor]]) -> dict[str, Tensor]:
+        return {site["name"]: biject_to(site["fn"].support)(unconstrained) for site, unconstrained in pairs}
