@@ -47,6 +47,10 @@ class _AmortisationSpec:
             raise TypeError(f"{owner}: encoder must be an nn.Module, got {type(self.encoder).__name__}")
         if self.conditioning not in (None, "heads", "context"):
             raise ValueError(f"{owner}: conditioning must be 'heads' or 'context', got {self.conditioning!r}")
+        if self.num_flows is not None and (
+            isinstance(self.num_flows, bool) or not isinstance(self.num_flows, int) or self.num_flows < 0
+        ):
+            raise ValueError(f"{owner}: num_flows must be an integer >= 0, got {self.num_flows!r}")
         if self.flow is not None and not isinstance(self.flow, str) and callable(self.flow):
             raise ValueError(
                 f"{owner}: an amortised flow needs conditional layers; give flow as a registered name "
@@ -68,7 +72,8 @@ class Amortised(_AmortisationSpec):
     :param encoder: an ``nn.Module`` from a batch of inputs to a batch of hidden vectors
         ``batch + (H,)``; default an :class:`~pyro_flowguides.encoders.MLPEncoder` with
         ``hidden_dims`` (default ``[256]``).
-    :param flow, num_flows: the per-item flow (default: the guide's).
+    :param flow, num_flows: the per-item flow (default: the guide's); ``num_flows=0`` gives the
+        plain VAE's diagonal Gaussian ``N(loc(h), scale(h)²)``.
     :param conditioning: ``"heads"`` (van den Berg et al. 2018, Sec. 4: every flow parameter is a
         linear function of the encoder's output ``h``) or ``"context"`` (``h`` is a context vector
         fed to each layer's own conditioner network, with ``flow_options["hidden_dims"]``). Default:
@@ -182,7 +187,11 @@ class AmortisedFlow(nn.Module):
         self.encoder = encoder
         initial = torch.cat([init_loc, torch.full_like(init_loc, _softplus_inverse(init_scale))])
         self.base = ZeroHeadMLP(context_dim, [], initial)
-        self.layers = flows.stack(flow, init_loc.numel(), num_flows, context_dim=context_dim, **flow_options)
+        self.layers = (
+            flows.stack(flow, init_loc.numel(), num_flows, context_dim=context_dim, **flow_options)
+            if num_flows
+            else nn.ModuleList()
+        )
 
     def forward(self, inputs: Tensor) -> FlowDistribution:
         h = self.encoder(inputs)

@@ -176,7 +176,8 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"{owner}: the guide's flow is a callable; give the amortised flow by name")
         num_flows = spec.num_flows if spec.num_flows is not None else self._num_flows
         options = {**self._flow_options, **spec.flow_options}
-        options = resolve_conditioning(flow, spec.conditioning, options)
+        if num_flows:
+            options = resolve_conditioning(flow, spec.conditioning, options)
         posterior = AmortisedFlow(
             encoder, h.shape[-1], init_loc, self._init_scale, flow, num_flows, **options
         )

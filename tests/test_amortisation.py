@@ -70,6 +70,17 @@ class RecordingEncoder(nn.Module):
         return self.net(rows)
 
 
+def test_num_flows_zero_is_the_plain_vae_gaussian():
+    spec = Amortised(plate="data", inputs=rows, num_flows=0)
+    guide = AutoFlowGuide(local_model, flow="planar", amortised=spec)
+    x = torch.randn(20, 3)
+    posterior = guide.local_posterior_for(x)
+    assert posterior.layers == [] and posterior.batch_shape == (20,)
+    z = posterior.rsample()
+    expected = dist.Normal(posterior.loc, posterior.scale).log_prob(z).sum(-1)
+    torch.testing.assert_close(posterior.log_prob(z.clone()), expected)
+
+
 def test_encoder_reads_the_rows_at_the_plates_subsample_indices():
     x = torch.randn(100, 3)
     encoder = RecordingEncoder(3)
@@ -188,5 +199,7 @@ def test_spec_validation():
         Amortised(plate="data", inputs=torch.zeros(3))
     with pytest.raises(ValueError, match="conditioning must be"):
         Amortised(plate="data", inputs=rows, conditioning="linear")
+    with pytest.raises(ValueError, match="num_flows must be an integer >= 0"):
+        Amortised(plate="data", inputs=rows, num_flows=-1)
     with pytest.raises(TypeError, match="amortised must be an Amortised"):
         AutoFlowGuide(local_model, amortised="data")
