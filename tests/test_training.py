@@ -282,6 +282,17 @@ def test_retry_gives_up_after_max_retries():
     assert pyro.param("loc").item() == 0.0
 
 
+def test_huge_but_finite_gradients_are_applied():
+    """Gradients of 3e38 are finite although their float32 sum overflows: the step is taken."""
+
+    def model():
+        w = pyro.param("w", torch.zeros(2))
+        pyro.factor("f", -(3e38 * w).sum())
+
+    fit(model, lambda: None, num_steps=1, optim=pyro.optim.SGD({"lr": 1e-38}), progress=False)
+    torch.testing.assert_close(pyro.param("w").detach(), torch.full((2,), -3.0))
+
+
 def test_clipping_bounds_the_gradient_norm():
     """At loc = 0 the gradient is -5; clipped to norm 0.5, SGD(lr 1) moves loc by 0.5."""
     fit(
