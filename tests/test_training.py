@@ -89,6 +89,26 @@ def test_fit_trains_an_autoflowguide_with_a_decaying_learning_rate():
     assert (upper - lower) / 2 == pytest.approx(precision**-0.5, rel=0.15)
 
 
+def test_fit_takes_the_steps_svi_takes():
+    """Same seed, same optimizer: fit's losses and final parameters are SVI.step's, exactly."""
+    x = torch.randn(20, generator=torch.Generator().manual_seed(6)) + 1.0
+    results = []
+    for run in ("svi", "fit"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(8)
+        guide = AutoFlowGuide(normal_model, flow="planar", num_flows=2)
+        optim = pyro.optim.Adam({"lr": 0.05})
+        if run == "svi":
+            svi = pyro.infer.SVI(normal_model, guide, optim, Trace_ELBO())
+            losses = [svi.step(x) for _ in range(15)]
+        else:
+            losses = fit(normal_model, guide, x, num_steps=15, optim=optim, progress=False).loss
+        results.append((losses, param_values()))
+    (svi_losses, svi_params), (fit_losses, fit_params) = results
+    assert fit_losses == svi_losses
+    assert all(torch.equal(fit_params[name], value) for name, value in svi_params.items())
+
+
 def test_sync_free_elbo_matches_trace_elbo_loss_and_gradients():
     x = torch.randn(20, generator=torch.Generator().manual_seed(3))
     guide = AutoFlowGuide(normal_model, flow="planar", num_flows=2)
