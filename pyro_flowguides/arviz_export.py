@@ -15,6 +15,7 @@ from collections.abc import Callable
 import arviz as az
 import numpy as np
 import pyro
+import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import plate_log_prob_sum
 from torch import Tensor
@@ -150,7 +151,11 @@ def _numpy(tensor: Tensor) -> np.ndarray:
 
 
 def describe(guide: Callable, num_samples: int) -> dict[str, str | int]:
-    """Root attrs: the guide's class, its flow layers (guides with a ``flow`` module list), the library."""
+    """Root attrs: the guide's name, its flow layers, the inference library.
+
+    The layers are read from a flow guide's ``flow`` (global latents) and, for amortised guides,
+    ``local_posterior.layers`` and ``global_posterior.layers``; an empty list reads "Gaussian".
+    """
     attrs: dict[str, str | int] = {
         "guide": guide_name(guide),
         "num_samples": num_samples,
@@ -158,9 +163,15 @@ def describe(guide: Callable, num_samples: int) -> dict[str, str | int]:
         "inference_library_version": pyro.__version__,
         "created_by": "pyro_flowguides",
     }
-    flow = getattr(guide, "flow", None)
-    if flow is not None and hasattr(flow, "__iter__"):
-        attrs["flow"] = "; ".join(f"{type(layer).__name__}({layer.extra_repr()})" for layer in flow)
+    layer_lists = {
+        "flow": getattr(guide, "flow", None),
+        "local_flow": getattr(getattr(guide, "local_posterior", None), "layers", None),
+        "global_flow": getattr(getattr(guide, "global_posterior", None), "layers", None),
+    }
+    for key, layers in layer_lists.items():
+        if isinstance(layers, torch.nn.ModuleList):
+            names = [f"{type(layer).__name__}({layer.extra_repr()})" for layer in layers]
+            attrs[key] = "; ".join(names) or "Gaussian (no flow layers)"
     return attrs
 
 

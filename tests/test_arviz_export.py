@@ -13,6 +13,7 @@ import torch
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_flowguides import AutoFlowGuide, arviz_export
+from pyro_flowguides.amortisation import Amortised
 from pyro_flowguides.arviz_export import arviz_major, to_inference_data
 from pyro_flowguides.diagnostics import loo, psis
 
@@ -190,3 +191,17 @@ def test_arviz_1_datatree():
     assert np.isfinite(loo(data).elpd)
     _, k_hat = psis(np.random.default_rng(0).normal(size=1000) * 0.1)
     assert k_hat < 0.5
+
+
+def test_amortised_flow_guide_layout_and_attrs():
+    def local(x):
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("z", dist.Normal(torch.zeros(2, **F64), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(z, 0.5).to_event(1), obs=x)
+
+    spec = Amortised(plate="data", inputs=lambda x: x, hidden_dims=[8])
+    guide = AutoFlowGuide(local, flow="planar", num_flows=2, amortised=spec)
+    data = to_inference_data(guide, local, torch.randn(6, 2, **F64), num_samples=40)
+    assert dims(data.posterior) == {"z": ("chain", "draw", "data", "z_dim_0")}
+    assert type(guide.local_posterior.layers[0]).__name__ in data.attrs["local_flow"]
+    assert np.isfinite(data.sample_stats.log_weight.values).all()

@@ -22,6 +22,7 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
 from pyro_flowguides import AutoFlowGuide, diagnostics
+from pyro_flowguides.amortisation import Amortised
 from pyro_flowguides.arviz_export import to_inference_data
 from pyro_flowguides.diagnostics import (
     Diagnosis,
@@ -300,3 +301,17 @@ def test_log_evidence_per_item_refuses_global_latents_and_subsampled_plates():
 
     with pytest.raises(ValueError, match=r"plate 'data' is subsampled \(4 of 12\)"):
         log_evidence_per_item(subsampled, AutoNormal(subsampled), X_LOCAL, plate="data", num_samples=10)
+
+
+def test_log_evidence_per_item_with_an_amortised_flow_guide():
+    # trained on minibatches passed as the argument; evaluated on other items
+    spec = Amortised(plate="data", inputs=lambda x: x[:, None], hidden_dims=[16])
+    guide = AutoFlowGuide(local_model, flow="planar", num_flows=2, amortised=spec)
+    train = 2 * torch.randn(300, **F64)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(local_model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    for _ in range(300):
+        svi.step(train[torch.randint(0, 300, (64,))])
+    estimate, se = log_evidence_per_item(local_model, guide, X_LOCAL, plate="data", num_samples=2000)
+    error = (estimate - local_log_evidence(X_LOCAL)).abs()
+    assert bool((error < 4 * se + 1e-3).all()), error / se
