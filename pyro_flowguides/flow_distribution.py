@@ -67,7 +67,8 @@ class FlowDistribution(TorchDistribution):
     def expand(self, batch_shape: torch.Size, _instance: FlowDistribution | None = None) -> FlowDistribution:
         batch_shape = torch.Size(batch_shape)
         shape = batch_shape + self.event_shape
-        return FlowDistribution(self.loc.expand(shape), self.scale.expand(shape), self.layers)
+        loc, scale = self.loc.expand(shape), self.scale.expand(shape)
+        return FlowDistribution(loc, scale, self.layers, validate_args=False)  # checked when built
 
     def _base_log_prob(self, eps: Tensor) -> Tensor:
         """``log N(ε; 0, I) - Σ log scale``: the standard normal and the final affine map's Jacobian."""
@@ -76,7 +77,9 @@ class FlowDistribution(TorchDistribution):
     def rsample(self, sample_shape: torch.Size = _NO_SAMPLE_DIMS) -> Tensor:
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
-        x, log_q = self.scale * eps, self._base_log_prob(eps)
+        # the same as _base_log_prob(eps), with the constant ε terms kept out of the autograd graph
+        log_normal = -(0.5 * eps.square() + _HALF_LOG_TWO_PI).sum(-1)
+        x, log_q = self.scale * eps, log_normal - self.scale.log().sum(-1)
         for layer in self.layers:
             x_next = layer(x)
             log_q = log_q - layer.log_abs_det_jacobian(x, x_next)

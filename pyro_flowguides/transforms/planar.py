@@ -39,25 +39,27 @@ class PlanarTransform(FlowTransform):
         return {"u": torch.zeros(dim), "w": torch.randn(dim) / math.sqrt(dim), "b": torch.zeros(1)}
 
     @classmethod
-    def constrain(cls, raw: RawParams) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """``(û, w, b, ûᵀw)``."""
+    def constrain(cls, raw: RawParams) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(û, w, b, ûᵀw, 1 + ûᵀw)``; ``1 + ûᵀw = softplus(·)`` without cancellation."""
         u, w, b = raw["u"], raw["w"], raw["b"]
         wu = (w * u).sum(-1, keepdim=True)
-        wu_hat = F.softplus(wu + _SOFTPLUS_INV_ONE) - 1
+        one_plus_wu_hat = F.softplus(wu + _SOFTPLUS_INV_ONE)
+        wu_hat = one_plus_wu_hat - 1
         w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         u_hat = u + (wu_hat - wu) * w / w_sq
-        return u_hat, w, b, wu_hat
+        return u_hat, w, b, wu_hat, one_plus_wu_hat
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat, w, b, wu_hat = self.constrained()
+        u_hat, w, b, wu_hat, one_plus_wu_hat = self.constrained()
         act = torch.tanh(torch.linalg.vecdot(x, w).unsqueeze(-1) + b)
         y = torch.addcmul(x, u_hat, act)
-        log_det = torch.log1p(wu_hat * (1 - act.square())).squeeze(-1)
-        return y, log_det
+        # 1 + ûᵀw (1 - tanh²) = (1 + ûᵀw) - ûᵀw tanh²
+        log_det = torch.log(torch.addcmul(one_plus_wu_hat, wu_hat, act.square(), value=-1))
+        return y, log_det.squeeze(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
-        u_hat, w, b, wu_hat = self.constrained()
-        target = (y * w).sum(-1, keepdim=True)
+        u_hat, w, b, wu_hat, _ = self.constrained()
+        target = torch.linalg.vecdot(y, w).unsqueeze(-1)
 
         def reduced(a: Tensor) -> tuple[Tensor, Tensor]:
             act = torch.tanh(a + b)

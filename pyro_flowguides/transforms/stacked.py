@@ -89,12 +89,13 @@ class StackedTransform(FlowTransform):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._hand_out_params()
-        log_det = x.new_zeros(())
+        log_dets = []
         for layer, reverse in zip(self.layers, self._reversals(), strict=False):
             x, layer_log_det = layer.forward_and_log_det(x)
-            log_det = log_det + layer_log_det
+            log_dets.append(layer_log_det)
             if reverse:
                 x = x.flip(-1)
+        log_det = torch.stack(torch.broadcast_tensors(*log_dets)).sum(0)  # one sum, not K - 1 adds
         return x, log_det.expand(x.shape[:-1])
 
     def inverse_map(self, y: Tensor) -> Tensor:
