@@ -85,9 +85,16 @@ def test_orthogonal_columns(conditional):
     assert (q.mT @ q - eye).abs().max() < 1e-6
 
 
+@pytest.mark.parametrize("num_householder", [1, 3, 9], ids=["wy-form", "dense", "dense-k-over-d"])
 @pytest.mark.parametrize("conditional", [False, True])
-def test_householder_basis_is_the_product_of_reflections(conditional):
-    layer = build("householder", conditional)
+def test_householder_basis_is_the_product_of_reflections(conditional, num_householder):
+    # D > 4K applies Q through the compact WY form; D <= 4K multiplies the reflections out
+    torch.manual_seed(0)
+    plain, cond = HouseholderSylvester, ConditionalHouseholderSylvester
+    options = {"num_householder": num_householder}
+    layer = (cond(DIM, context_dim=CONTEXT, **options) if conditional else plain(DIM, **options)).double()
+    for p in layer.parameters():
+        p.data.normal_()
     t = condition_rows(layer, inputs())
     t = getattr(t, "layer", t)
     p = t.raw_params()

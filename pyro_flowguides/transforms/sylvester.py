@@ -44,6 +44,15 @@ def _matmul(x: Tensor, a: Tensor) -> Tensor:
     return (x.unsqueeze(-2) @ a).squeeze(-2)
 
 
+def _matmul_add(c: Tensor, x: Tensor, a: Tensor) -> Tensor:
+    """``c + x @ a`` as :func:`_matmul`, in one fused ``addmm`` when ``x`` and ``a`` are matrices."""
+    if a.dim() == 2 and x.dim() == 2:
+        return torch.addmm(c, x, a)
+    return c + _matmul(x, a)
+
+
+_SIGNS = torch.tensor([2.0, -2.0])  # σ(±2ρ) from one sigmoid
+_TWOS = torch.tensor([2.0, 2.0])  # 2(a₊b₊ + a₋b₋) as one product with a vector
 _FOLD_MAX_M = 64  # largest M for which Q is folded into R and R̃ once per call
 
 
@@ -111,6 +120,16 @@ class SylvesterTransform(FlowTransform):
             "b": torch.zeros(m),
         }
 
+    @staticmethod
+    def diagonal_factors(rho: Tensor) -> tuple[Tensor, Tensor]:
+        """``(tanh ρ, 1 + tanh ρ₁ tanh ρ₂)`` for the raw diagonals ``ρ = [ρ₁; ρ₂]``, shape ``(..., 2, M)``.
+
+        ``1 + tanh ρ₁ tanh ρ₂ = 2(σ(2ρ₁)σ(2ρ₂) + σ(-2ρ₁)σ(-2ρ₂))``: positive terms, no cancellation
+        when the product rounds to ``-1``.
+        """
+        sig_r, sig_rt = torch.sigmoid(rho.unsqueeze(-1) * _SIGNS.to(rho)).unbind(-3)  # (..., M, ±)
+        return torch.tanh(rho), (sig_r * sig_rt) @ _TWOS.to(rho)
+
     def triangular(self, params: RawParams) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """``(strictly upper R, strictly upper R̃, diag R, diag R̃, 1 + diag R ⊙ diag R̃)``.
 
@@ -118,43 +137,45 @@ class SylvesterTransform(FlowTransform):
         is built per call; at ``M = D = 1000`` those cost as much as the products themselves.
         """
         r_raw, rt_raw = params["r"], params["r_tilde"]
-        rho = torch.diagonal(r_raw, dim1=-2, dim2=-1)
-        rho_t = torch.diagonal(rt_raw, dim1=-2, dim2=-1)
-        # 1 + tanh ρ tanh ρ̃ = 2(σ(2ρ)σ(2ρ̃) + σ(-2ρ)σ(-2ρ̃)): positive terms, no cancellation near -1
-        s_r, s_rt, s_neg_r, s_neg_rt = torch.sigmoid(torch.stack([rho, rho_t, -rho, -rho_t]) * 2).unbind(0)
-        one_plus_d = 2 * (s_r * s_rt + s_neg_r * s_neg_rt)
-        return (
-            torch.triu(r_raw, diagonal=1),
-            torch.triu(rt_raw, diagonal=1),
-            torch.tanh(rho),
-            torch.tanh(rho_t),
-            one_plus_d,
+        rho = torch.stack(
+            [torch.diagonal(r_raw, dim1=-2, dim2=-1), torch.diagonal(rt_raw, dim1=-2, dim2=-1)], -2
         )
+        diag, one_plus_d = self.diagonal_factors(rho)
+        return torch.triu(r_raw, diagonal=1), torch.triu(rt_raw, diagonal=1), *diag.unbind(-2), one_plus_d
+
+    def triangular_dense(self, params: RawParams) -> tuple[Tensor, Tensor, Tensor]:
+        """``(R, R̃, 1 + diag R ⊙ diag R̃)`` with the diagonals in place, for small ``M``.
+
+        ``R`` and ``R̃`` are built stacked, one operation for both at each step: at small ``M`` the
+        cost is per operation, not per element.
+        """
+        raw = torch.stack([params["r"], params["r_tilde"]], dim=-3)
+        diag, one_plus_d = self.diagonal_factors(torch.diagonal(raw, dim1=-2, dim2=-1))
+        r, r_tilde = torch.diagonal_scatter(torch.triu(raw, diagonal=1), diag, dim1=-2, dim2=-1).unbind(-3)
+        return r, r_tilde, one_plus_d
 
     @staticmethod
     def _slope(act: Tensor, one_plus_d: Tensor) -> Tensor:
-        """``1 + h'(a) d = tanh²(a) + h'(a)(1 + d)``: non-negative terms, no cancellation."""
-        sq = act * act
-        return sq + (1 - sq) * one_plus_d
+        """``1 + h'(a) d = lerp(1 + d, 1, tanh²(a))``, ``h' = 1 - tanh²``: a sum of non-negative terms
+        when ``d < 0`` and at least 1 when ``d ≥ 0``, so no cancellation either way."""
+        return torch.lerp(one_plus_d, torch.ones_like(one_plus_d), act * act)
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         p = self.raw_params()
         basis = self.basis(p)
-        r, r_tilde, r_diag, rt_diag, one_plus_d = self.triangular(p)
-        if len(basis) == 1 and r.shape[-1] <= _FOLD_MAX_M:
-            # an explicit Q and a small M: fold it into A = QR and B = R̃Qᵀ once per call (O(DM²)),
-            # so that each sample costs two products, y = z + tanh(zBᵀ + b)Aᵀ
+        if len(basis) == 1 and p["r"].shape[-1] <= _FOLD_MAX_M:
+            # an explicit Q and a small M: fold it into Aᵀ = (QR)ᵀ and Bᵀ = QR̃ᵀ once per call
+            # (O(DM²)), so that each sample costs two products, y = z + tanh(zBᵀ + b)Aᵀ
             q = basis[0]
-            a = q @ (r + torch.diag_embed(r_diag))
-            b_mat = (r_tilde + torch.diag_embed(rt_diag)) @ q.mT
-            act = torch.tanh(_matmul(x, b_mat.mT) + p["b"])
-            y = x + _matmul(act, a.mT)
+            r, r_tilde, one_plus_d = self.triangular_dense(p)
+            act = torch.tanh(_matmul_add(p["b"], x, q @ r_tilde.mT))
+            y = _matmul_add(x, act, (q @ r).mT)
         else:
+            r, r_tilde, r_diag, rt_diag, one_plus_d = self.triangular(p)
             v = self.project(basis, x)
             act = torch.tanh(_matmul(v, r_tilde.mT) + rt_diag * v + p["b"])
             y = x + self.lift(basis, _matmul(act, r.mT) + r_diag * act)
-        log_det = torch.log(self._slope(act, one_plus_d)).sum(-1)
-        return y, log_det
+        return y, torch.log(self._slope(act, one_plus_d)).sum(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
         p = self.raw_params()
@@ -243,14 +264,16 @@ class OrthogonalSylvesterTransform(SylvesterTransform):
 class HouseholderSylvesterTransform(SylvesterTransform):
     r"""H-SNF: ``y = z + Q R tanh(R̃ Qᵀz + b)`` with ``Q = H₁⋯H_K``, ``H_k = I - 2 v_k v_kᵀ / ‖v_k‖²``.
 
-    ``Q`` is ``D×D`` (``M = D``) and never formed: with ``U`` the ``K×D`` matrix of the raw vectors
-    ``v_k``, the compact WY form ``Q = I - Uᵀ T U`` has ``T = (striu(UUᵀ) + diag(UUᵀ)/2)⁻¹``
-    (``K×K``, computed once per call), so ``Qᵀz`` and ``Qv`` cost O(DK) per sample as a few
-    matrix products instead of ``K`` sequential reflections; for ``D ≤ 4K`` the dense ``Q`` is
-    formed instead (O(D²) ≤ O(4DK) per sample, fewer operations). Option ``num_householder``
-    (``K ≥ 1``; default ``min(D, 8)``: more than ``D`` reflections add nothing, since ``D`` of them
-    reach every orthogonal matrix up to column signs, which ``R`` and ``R̃`` absorb; ``K > D`` is
-    allowed but redundant, and the WY factor ``T`` is then less well conditioned in float32).
+    ``Q`` is ``D×D`` (``M = D``). For ``D > 4K`` it is never formed: with ``U`` the ``K×D`` matrix
+    of the raw vectors ``v_k``, the compact WY form ``Q = I - Uᵀ T U`` has
+    ``T = (striu(UUᵀ) + diag(UUᵀ)/2)⁻¹`` (``K×K``, computed once per call), so ``Qᵀz`` and ``Qv``
+    cost O(DK) per sample as a few matrix products instead of ``K`` sequential reflections. For
+    ``D ≤ 4K`` the dense ``Q`` costs no more per sample (O(D²) ≤ O(4DK)) and is multiplied out
+    once per call, ``K - 1`` products of ``D×D`` reflections (no triangular solve, and exactly
+    orthogonal however many reflections there are). Option ``num_householder`` (``K ≥ 1``; default
+    ``min(D, 8)``: more than ``D`` reflections add nothing, since ``D`` of them reach every
+    orthogonal matrix up to column signs, which ``R`` and ``R̃`` absorb; ``K > D`` is allowed but
+    redundant).
 
     van den Berg et al., "Sylvester Normalizing Flows for Variational Inference", UAI 2018;
     Joffrain et al., "Accumulating Householder transformations, revisited", ACM TOMS 2006.
@@ -280,15 +303,21 @@ class HouseholderSylvesterTransform(SylvesterTransform):
 
     def basis(self, params: RawParams) -> tuple[Tensor, ...]:
         u = params["v"]
+        tiny = torch.finfo(u.dtype).tiny
+        if self.dim <= 4 * u.shape[-2]:
+            # a dense Q costs no more per sample than the WY products: multiply the reflections out
+            w = u / (torch.linalg.vector_norm(u, dim=-1, keepdim=True) + tiny)  # H = I - 2wwᵀ
+            eye = torch.eye(self.dim, dtype=u.dtype, device=u.device)
+            reflections = torch.addcmul(eye, w.unsqueeze(-1), w.unsqueeze(-2), value=-2).unbind(-3)
+            q = reflections[0]
+            for h in reflections[1:]:
+                q = q @ h
+            return (q,)
         gram = u @ u.mT
-        sq_norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(torch.finfo(u.dtype).tiny)
+        sq_norms = torch.diagonal(gram, dim1=-2, dim2=-1).clamp_min(tiny)
         s = torch.triu(gram, diagonal=1) + torch.diag_embed(sq_norms / 2)
         eye = torch.eye(s.shape[-1], dtype=s.dtype, device=s.device)
-        t = torch.linalg.solve_triangular(s, eye, upper=True)
-        if self.dim <= 4 * u.shape[-2]:  # a dense Q costs no more per sample than the WY products
-            q = torch.eye(self.dim, dtype=u.dtype, device=u.device) - u.mT @ t @ u
-            return (q,)
-        return u, t
+        return u, torch.linalg.solve_triangular(s, eye, upper=True)
 
     def project(self, basis: tuple[Tensor, ...], z: Tensor) -> Tensor:
         if len(basis) == 1:
