@@ -123,11 +123,18 @@ def _mismatches(saved: Mapping[str, Tensor], live: Mapping[str, Tensor]) -> list
     return sorted(out)
 
 
+_PLAIN = (int, float, str, bool, type(None))
+
+
 def checksum(contents: object) -> str:
-    """SHA-256 of nested dicts, lists, tuples, tensors (dtype, shape and bytes) and plain values."""
+    """SHA-256 of nested dicts, lists, tuples, tensors (dtype, shape and bytes) and plain values.
+
+    Anything else (which ``torch.load(weights_only=True)`` would refuse) is a ``TypeError`` naming
+    where it is.
+    """
     digest = hashlib.sha256()
 
-    def feed(value: object) -> None:
+    def feed(value: object, where: str) -> None:
         if isinstance(value, Tensor):
             flat = value.detach().to("cpu").contiguous().reshape(-1)
             digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
@@ -135,16 +142,21 @@ def checksum(contents: object) -> str:
         elif isinstance(value, Mapping):
             digest.update(f"D{len(value)}".encode())
             for key, item in value.items():
-                feed(key)
-                feed(item)
+                feed(key, where)
+                feed(item, f"{where}[{key!r}]")
         elif isinstance(value, list | tuple):
             digest.update(f"L{len(value)}".encode())
-            for item in value:
-                feed(item)
-        else:
+            for index, item in enumerate(value):
+                feed(item, f"{where}[{index}]")
+        elif isinstance(value, _PLAIN):
             digest.update(f"V{value!r}".encode())
+        else:
+            raise TypeError(
+                f"checkpoint entry {where} is a {type(value).__name__}; a checkpoint holds only tensors, "
+                f"numbers, strings, None and dicts, lists and tuples of them (weights_only-safe)"
+            )
 
-    feed(contents)
+    feed(contents, "contents")
     return digest.hexdigest()
 
 

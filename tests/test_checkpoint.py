@@ -101,6 +101,15 @@ def test_a_checkpoint_is_read_with_weights_only(tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in contents["params"].values())
 
 
+def test_extra_entries_that_weights_only_would_refuse_are_an_error_when_saving(tmp_path):
+    path = tmp_path / "run.pt"
+    trained_store(path)
+    before = path.read_bytes()
+    with pytest.raises(TypeError, match=r"entry contents\['extra'\]\['where'\] is a PosixPath"):
+        save_checkpoint(path, extra={"where": tmp_path})
+    assert path.read_bytes() == before
+
+
 def test_a_crash_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "run.pt"
     trained_store(path)
