@@ -92,15 +92,18 @@ def plot_khat_summary(
         labels, k_hats = list(diagnoses), [diagnosis.k_hat for diagnosis in diagnoses.values()]
         colours = [READING_COLOURS[diagnosis.reading] for diagnosis in diagnoses.values()]
         ax.bar(labels, np.clip(k_hats, -0.5, None), color=colours)
-        ax.set_ylabel("Pareto k-hat of the guide's importance ratios")
+        ax.set_title("guide: k-hat of log p(x, z) - log q(z)", fontsize=10)
+        ax.set_ylabel("Pareto k-hat")
         ax.set_ylim(min(-0.1, *k_hats), max(1.0, *k_hats) + 0.1)
     if loo is not None:
         ax = axes[0][-1]
         k = loo.pareto_k
         ax.scatter(np.arange(k.size), k, s=12, c=[READING_COLOURS[khat_reading(value)] for value in k])
         ax.axhline(loo.good_k, color="black", ls=":", lw=1, label=f"ArviZ's good_k = {loo.good_k:.2f}")
+        ax.set_title("LOO: k-hat per observation", fontsize=10)
         ax.set_xlabel("observation")
-        ax.set_ylabel("Pareto k-hat of LOO weights")
+        ax.set_ylabel("Pareto k-hat")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_ylim(min(-0.1, k.min() - 0.05), max(1.0, k.max() + 0.1))
         ax.legend(loc="upper right")
     return _finish(fig, path)

@@ -11,6 +11,7 @@ import dataclasses
 import math
 import sys
 import types
+from pathlib import Path
 
 import arviz as az
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_flowguides import AutoFlowGuide, diagnostics
+from pyro_flowguides import AutoFlowGuide, diagnostics, init_to_median_or_feasible
 from pyro_flowguides.amortisation import Amortised
 from pyro_flowguides.arviz_export import to_inference_data
 from pyro_flowguides.diagnostics import (
@@ -136,7 +137,9 @@ def test_mean_field_on_a_correlated_posterior_is_flagged_and_a_flow_is_not():
     )
     pyro.clear_param_store()
     flow_guide = AutoFlowGuide(correlated_model, flow="lu_linear", num_flows=1)
-    flow = diagnose(fit(correlated_model, flow_guide, y), correlated_model, y, num_samples=20000)
+    flow = diagnose(
+        fit(correlated_model, flow_guide, y, steps=150, lr=0.1), correlated_model, y, num_samples=20000
+    )
     assert mean_field.k_hat > 0.7 and mean_field.reading == "unreliable"
     assert flow.k_hat < 0.5 and flow.k_hat < mean_field.k_hat
 
@@ -315,3 +318,39 @@ def test_log_evidence_per_item_with_an_amortised_flow_guide():
     estimate, se = log_evidence_per_item(local_model, guide, X_LOCAL, plate="data", num_samples=2000)
     error = (estimate - local_log_evidence(X_LOCAL)).abs()
     assert bool((error < 4 * se + 1e-3).all()), error / se
+
+
+POSTERIORDB = Path(__file__).resolve().parents[2] / "shared" / "data" / "posteriordb"
+
+
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not (POSTERIORDB / "kidiq-kidscore_interaction").exists(),
+    reason=f"needs posteriordb's kidiq in {POSTERIORDB}",
+)
+def test_kidiq_mean_field_is_flagged_and_a_flow_does_better(float64_default, monkeypatch):
+    # beta1 and beta3 have posterior correlation about -0.99 (posteriordb's reference draws)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import posteriordb_models
+
+    model, data, _ = posteriordb_models.load(POSTERIORDB / "kidiq-kidscore_interaction")
+    k_hats = {}
+    for name, guide in {
+        "mean-field": AutoNormal(model, init_loc_fn=init_to_median_or_feasible),
+        "flow": AutoFlowGuide(model),
+    }.items():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.01, "lrd": 0.05 ** (1 / 2000)}), Trace_ELBO())
+        for _ in range(2000):
+            svi.step(**data)
+        k_hats[name] = diagnose(guide, model, num_samples=10000, **data).k_hat
+    assert k_hats["mean-field"] > 0.7 and k_hats["flow"] < k_hats["mean-field"], k_hats
