@@ -63,9 +63,11 @@ PAPER_TABLE1 = {
     "h-snf": (83.40, 80.29),
     "t-snf": (83.40, 80.28),
 }
+PAPER_TABLE1["vae-s1"] = PAPER_TABLE1["vae"]
 #: key -> (label, flow layer name; None for the plain VAE)
 FLOWS = {
     "vae": ("VAE", None),
+    "vae-s1": ("VAE, init scale 1", None),
     "planar": ("Planar", "planar"),
     "iaf": ("IAF", "iaf"),
     "o-snf": ("O-SNF", "orthogonal_sylvester"),
@@ -73,6 +75,13 @@ FLOWS = {
     "t-snf": ("T-SNF", "triangular_sylvester"),
 }
 SYLVESTER = ("o-snf", "h-snf", "t-snf")
+#: The plain VAE twice: with the guide's default initial scale 0.1 (as every flow) and with 1, near
+#: the paper's initialisation (softplus of a random linear layer, variance about 0.7). Measured on
+#: 2 epochs of 20 000 images, the VAE did better with 1 and O-SNF with 0.1; the flows are compared
+#: with the better of the two.
+BASELINES = ("vae", "vae-s1")
+INIT_SCALES = {"vae-s1": 1.0}
+DEFAULT_INIT_SCALE = 0.1  # AutoFlowGuide's default
 
 
 @dataclass(frozen=True)
@@ -234,7 +243,8 @@ def build(key: str, protocol: Protocol, arch: str, device: str | torch.device, s
     encoder.to(device)
     decoder.to(device)
     model = bernoulli_vae(decoder)
-    guide = AutoFlowGuide(model, amortised=amortised(key, encoder, protocol))
+    init_scale = INIT_SCALES.get(key, DEFAULT_INIT_SCALE)
+    guide = AutoFlowGuide(model, amortised=amortised(key, encoder, protocol), init_scale=init_scale)
     return model, guide, decoder
 
 
@@ -371,8 +381,9 @@ def _train_and_evaluate(key, data, protocol, arch, device, seed, progress, nll_i
 
 def summarise(rows: Sequence[dict], protocol: Protocol, arch: str, nll_items: int) -> dict:
     """The table as plain numbers: per model -ELBO and NLL (mean ± s.e. over test images), the
-    paper's values, and paired differences from the plain VAE on the same images."""
-    by_key = {row["key"]: row for row in rows}
+    paper's values, and paired differences from the better plain VAE (by NLL) on the same images."""
+    baselines = [row for row in rows if row["key"] in BASELINES]
+    base = min(baselines, key=lambda row: float(row["nll"].mean())) if baselines else None
     models = {}
     for row in rows:
         neg_elbo, neg_elbo_se = mean_and_se(-row["elbo"])
@@ -393,8 +404,7 @@ def summarise(rows: Sequence[dict], protocol: Protocol, arch: str, nll_items: in
             "nll_seconds": row["nll_seconds"],
             "val_neg_elbo_per_epoch": row["val_neg_elbo_per_epoch"],
         }
-        if "vae" in by_key and row["key"] != "vae":
-            base = by_key["vae"]
+        if base is not None and row["key"] not in BASELINES:
             entry["neg_elbo_minus_vae"] = mean_and_se(base["elbo"] - row["elbo"])
             entry["nll_minus_vae"] = mean_and_se(row["nll"] - base["nll"])
         models[row["key"]] = entry
@@ -406,21 +416,22 @@ def summarise(rows: Sequence[dict], protocol: Protocol, arch: str, nll_items: in
         "test_images_nll": nll_items,
         "device": str(rows[0]["elbo"].device),
         "torch_threads": torch.get_num_threads(),
+        "baseline": None if base is None else base["label"],
         "models": models,
         "ordering": ordering(models),
     }
 
 
 def ordering(models: dict) -> dict:
-    """Does the paper's ordering hold: every flow better (lower NLL and -ELBO) than the plain VAE,
-    and a Sylvester flow best?"""
+    """Does the paper's ordering hold: every flow better (lower NLL and -ELBO) than the better plain
+    VAE, and a Sylvester flow best?"""
     result = {}
+    baselines = [k for k in models if k in BASELINES]
     for metric in ("nll", "neg_elbo"):
-        if "vae" in models:
-            flows = [k for k in models if k != "vae"]
-            result[f"every_flow_beats_vae_{metric}"] = all(
-                models[k][metric] < models["vae"][metric] for k in flows
-            )
+        if baselines:
+            base = min(models[k][metric] for k in baselines)
+            flows = [k for k in models if k not in BASELINES]
+            result[f"every_flow_beats_vae_{metric}"] = all(models[k][metric] < base for k in flows)
         best = min(models, key=lambda k: models[k][metric])
         result[f"best_{metric}"] = models[best]["label"]
         result[f"sylvester_best_{metric}"] = best in SYLVESTER
@@ -440,7 +451,9 @@ def markdown(summary: dict) -> str:
         f"MADE width {p['iaf_width']}), z = {summary['z_dim']}. -ELBO: one sample per image on "
         f"{summary['test_images_elbo']} test images. NLL: {p['nll_samples']} importance samples on "
         f"{nll_images} test images. ± is the standard error over test images; Δ columns are paired "
-        f"differences from the plain VAE on the same images (negative: better than the VAE). Device "
+        f"differences from the better plain VAE ({summary['baseline']}) on the same images (negative: "
+        f"better than the VAE). Flows and the first VAE start at the guide's default scale "
+        f"{DEFAULT_INIT_SCALE}. Device "
         f"{summary['device']}, {summary['torch_threads']} torch thread(s).",
         "",
         "| model | -ELBO | NLL | Δ -ELBO vs VAE | Δ NLL vs VAE | paper -ELBO | paper NLL | epochs (best) "
@@ -460,7 +473,7 @@ def markdown(summary: dict) -> str:
     lines += [""]
     if "every_flow_beats_vae_nll" in o:
         lines.append(
-            f"Every flow better than the plain VAE: NLL {_yes(o['every_flow_beats_vae_nll'])}, "
+            f"Every flow better than the better plain VAE: NLL {_yes(o['every_flow_beats_vae_nll'])}, "
             f"-ELBO {_yes(o['every_flow_beats_vae_neg_elbo'])}."
         )
     lines.append(

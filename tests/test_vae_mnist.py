@@ -142,10 +142,16 @@ def test_summary_reports_paired_differences_and_the_papers_ordering():
         "best_neg_elbo": "O-SNF",
         "sylvester_best_neg_elbo": True,
     }
+    assert summary["baseline"] == "VAE"
+    better_vae = row("vae-s1", [89.0, 80.0, 99.0], [-95.0, -85.0, -104.0])  # the baseline to beat
+    summary = example.summarise([vae, better_vae, snf, iaf], TINY, "mlp", nll_items=3)
+    assert summary["baseline"] == "VAE, init scale 1"
+    assert summary["models"]["o-snf"]["nll_minus_vae"][0] == pytest.approx(-1.0 / 3)
+    assert not summary["ordering"]["every_flow_beats_vae_nll"]  # IAF: 89.67 > 89.33
     worse = row("planar", [95.0, 85.0, 105.0], [-96.0, -86.0, -106.0])
     ordering = example.summarise([vae, snf, worse], TINY, "mlp", nll_items=3)["ordering"]
     assert not ordering["every_flow_beats_vae_nll"] and ordering["sylvester_best_nll"]
-    text = example.markdown(summary)
+    text = example.markdown(example.summarise([vae, snf, iaf], TINY, "mlp", nll_items=3))
     assert "| O-SNF |" in text and "83.32" in text and "-1.00 ± 0.29" in text
 
 
