@@ -154,7 +154,7 @@ def diagnose(
     log_w = draws.log_weights.double()
     if not torch.isfinite(log_w).all():
         raise ValueError(
-            f"{(~torch.isfinite(log_w)).sum()} of {num_samples} log-weights log p(x, z) - log q(z) are "
+            f"{int((~torch.isfinite(log_w)).sum())} of {num_samples} log-weights log p(x, z) - log q(z) are "
             f"not finite: the guide puts mass where the model has none (check supports and constraints)"
         )
     log_evidence, log_evidence_se = log_mean_exp(log_w.logsumexp(0), (2 * log_w).logsumexp(0), num_samples)
