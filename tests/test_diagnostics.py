@@ -355,3 +355,27 @@ def test_kidiq_mean_field_is_flagged_and_a_flow_does_better(float64_default, mon
             svi.step(**data)
         k_hats[name] = diagnose(guide, model, num_samples=10000, **data).k_hat
     assert k_hats["mean-field"] > 0.7 and k_hats["flow"] < k_hats["mean-field"], k_hats
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_diagnostics_of_a_model_on_cuda():
+    x = X.cuda()
+
+    def model(x):
+        z = pyro.sample("z", dist.Normal(torch.zeros(D, **F64, device=x.device), 1.0).to_event(1))
+        with pyro.plate("obs", x.shape[0]):
+            pyro.sample("x", dist.Normal(z @ A.to(x.device).T, 1.0).to_event(1), obs=x)
+
+    def guide(x):
+        _, mean, cov = conjugate_posterior(x.cpu())
+        pyro.sample("z", dist.MultivariateNormal(mean.to(x.device), cov.to(x.device)))
+
+    report = diagnose(guide, model, x, num_samples=500)
+    assert report.log_evidence == pytest.approx(conjugate_posterior(X)[0], abs=1e-6)
+    assert report.resampled["z"].device.type == "cuda"
+    assert np.isfinite(loo(to_inference_data(guide, model, x, num_samples=500)).elpd)
+    estimate, _ = log_evidence_per_item(
+        local_model, amortised_guide(), X_LOCAL.cuda(), plate="data", num_samples=100
+    )
+    torch.testing.assert_close(estimate.cpu(), local_log_evidence(X_LOCAL), atol=1e-9, rtol=0)
