@@ -80,6 +80,8 @@ class AutoFlowGuide(AutoContinuous):
     :param amortised: amortise the latents local to a plate (:class:`~pyro_flowguides.Amortised`).
     :param summary: condition the global latents on a data-set summary
         (:class:`~pyro_flowguides.DataSummary`).
+    :param create_plates: as for Pyro's autoguides, a function of the model's arguments returning
+        the guide's plates (e.g. with the subsample indices to use).
     :param flow_options: passed to every layer, e.g. ``num_ortho_vecs=8``, ``hidden_dims=[64]``.
 
     >>> import pyro, pyro.distributions as dist, torch
@@ -102,6 +104,7 @@ class AutoFlowGuide(AutoContinuous):
         init_scale: float = 0.1,
         amortised: Amortised | None = None,
         summary: DataSummary | None = None,
+        create_plates: Callable | None = None,
         **flow_options: object,
     ) -> None:
         if not isinstance(init_scale, int | float) or not init_scale > 0:
@@ -123,6 +126,7 @@ class AutoFlowGuide(AutoContinuous):
         self._summary = summary
         self._local_sites: dict[str, tuple[dict, torch.Size]] = {}
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self.create_plates = create_plates
 
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
@@ -270,15 +274,17 @@ class AutoFlowGuide(AutoContinuous):
         return inputs
 
     def _create_plates(self, *args, **kwargs) -> dict[str, pyro.plate]:
-        """The model's plates; an amortised plate over the items passed in (not subsampling: a
-        minibatch argument of any size) is sized by the rows ``inputs`` returns this time."""
+        """The model's plates. The amortised plate subsamples as the model's did when ``inputs``
+        returns the data set the guide was built on; for other rows (a minibatch argument of any
+        size, or new data) it is a plate over exactly those items. Pass ``create_plates`` for
+        anything else, as to Pyro's autoguides."""
         spec, frames = self._amortised, self._prototype_frames
         if spec is None or self.master is not None or self.create_plates is not None:
             return super()._create_plates(*args, **kwargs)
         frame = frames[spec.plate]
-        if frame.full_size not in (None, frame.size):
-            return super()._create_plates(*args, **kwargs)
         items = self._encoder_inputs(spec, *args, **kwargs).shape[0]
+        if frame.full_size not in (None, frame.size) and items == frame.full_size:
+            return super()._create_plates(*args, **kwargs)
         frames[spec.plate] = frame._replace(size=items, full_size=items)
         try:
             return super()._create_plates(*args, **kwargs)
