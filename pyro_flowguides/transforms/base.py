@@ -304,6 +304,10 @@ class ConditionalFlowModule(ConditionalTransformModule):
     def needs_permutation(self) -> bool:
         return self.transform.needs_permutation
 
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={getattr(v, '__name__', v)!r}" for k, v in self.options.items())
+        return f"dim={self.dim}, context_dim={self.context_dim}{opts}"
+
     def condition(self, context: Tensor) -> FlowTransform:
         check_event_dim(context, self.context_dim, type(self).__name__, what="context")
         return self.transform(self.conditioner(context), self.dim, **self.options)
