@@ -335,7 +335,17 @@ def train_and_evaluate(
     return {**row, "params": params}
 
 
-def _train_and_evaluate(key, data, protocol, arch, device, seed, progress, nll_index) -> dict:
+def _train_and_evaluate(
+    key: str,
+    data: dict[str, Tensor],
+    protocol: Protocol,
+    arch: str,
+    device: str | torch.device,
+    seed: int,
+    progress: bool,
+    nll_index: Tensor | None,
+) -> dict:
+    """:func:`train_and_evaluate` in the param store in use."""
     model, guide, decoder = build(key, protocol, arch, device, seed)
     train = DataLoader(data["train"], batch_size=protocol.batch_size, shuffle=True)
     valid = DataLoader(data["valid"], batch_size=VALID_BATCH)
@@ -371,6 +381,7 @@ def _train_and_evaluate(key, data, protocol, arch, device, seed, progress, nll_i
         "elbo": elbo.cpu(),
         "nll": nll.cpu(),
         "nll_se": nll_se.cpu(),
+        "device": str(device),
         "guide": guide,
         "decoder": decoder,
     }
@@ -414,7 +425,7 @@ def summarise(rows: Sequence[dict], protocol: Protocol, arch: str, nll_items: in
         "z_dim": Z_DIM,
         "test_images_elbo": int(rows[0]["elbo"].numel()),
         "test_images_nll": nll_items,
-        "device": str(rows[0]["elbo"].device),
+        "device": rows[0].get("device", "cpu"),
         "torch_threads": torch.get_num_threads(),
         "baseline": None if base is None else base["label"],
         "models": models,
