@@ -6,12 +6,23 @@ Plots live in :mod:`pyro_flowguides.plots` (imported on demand: it needs matplot
 from . import flows, supports  # supports: registers biject_to for lower_cholesky
 from .amortisation import Amortised, DataSummary
 from .arviz_export import to_inference_data
+from .calibration import SBCResult, simulation_based_calibration
 from .checkpoint import (
     CheckpointError,
     CheckpointMismatchError,
     load_checkpoint,
     read_checkpoint,
     save_checkpoint,
+)
+from .datasets import (
+    DatasetBatch,
+    DatasetELBO,
+    DatasetLoader,
+    PriorPredictive,
+    draw_for_datasets,
+    fine_tune,
+    simulate_datasets,
+    stack_datasets,
 )
 from .diagnostics import Diagnosis, LooResult, diagnose, log_evidence_per_item, loo
 from .encoders import MLPEncoder, PoolingEncoder
@@ -33,6 +44,9 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatchError",
     "DataSummary",
+    "DatasetBatch",
+    "DatasetELBO",
+    "DatasetLoader",
     "Diagnosis",
     "FitHistory",
     "FlowDistribution",
@@ -41,9 +55,13 @@ __all__ = [
     "ModelStructureError",
     "NonFiniteLossError",
     "PoolingEncoder",
+    "PriorPredictive",
+    "SBCResult",
     "ScaleLatents",
     "SyncFreeTrace_ELBO",
     "diagnose",
+    "draw_for_datasets",
+    "fine_tune",
     "fit",
     "flows",
     "init_to_feasible_point",
@@ -54,6 +72,9 @@ __all__ = [
     "loo",
     "read_checkpoint",
     "save_checkpoint",
+    "simulate_datasets",
+    "simulation_based_calibration",
+    "stack_datasets",
     "supports",
     "to_inference_data",
 ]
