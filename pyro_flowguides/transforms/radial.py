@@ -45,7 +45,7 @@ class RadialTransform(FlowTransform):
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         z0, alpha, beta = self.constrained()
         diff = x - z0
-        r = diff.pow(2).sum(-1, keepdim=True).sqrt()
+        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)  # one pass over (..., D)
         h = (alpha + r).reciprocal()
         beta_h = beta * h
         y = torch.addcmul(x, beta_h, diff)
