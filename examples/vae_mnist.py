@@ -464,7 +464,8 @@ def markdown(summary: dict) -> str:
         f"{nll_images} test images. ± is the standard error over test images; Δ columns are paired "
         f"differences from the better plain VAE ({summary['baseline']}) on the same images (negative: "
         f"better than the VAE). Flows and the first VAE start at the guide's default scale "
-        f"{DEFAULT_INIT_SCALE}. Device "
+        f"{DEFAULT_INIT_SCALE}. Train img/s: the whole fit, validation included, under whatever load "
+        f"the machine had (not a speed comparison). Device "
         f"{summary['device']}, {summary['torch_threads']} torch thread(s).",
         "",
         "| model | -ELBO | NLL | Δ -ELBO vs VAE | Δ NLL vs VAE | paper -ELBO | paper NLL | epochs (best) "
