@@ -27,8 +27,11 @@ D = 1000: about 2.6e8) is skipped and the reason is written in its row.
 
 Protocol: one thread (``torch.set_num_threads(1)``); every parameter redrawn as ``N(0, 0.1²)`` so that
 no identity shortcut at initialisation flatters anyone; per (D, layer) every contender is built once,
-warmed up (up to ``--warmup`` steps) and then timed step by step, the contenders interleaved round by
-round (the order rotated each round) so that load from other processes hits all of them alike. Each
+warmed up (up to ``--warmup`` steps) and then timed step by step in interleaved blocks: each round
+runs about ``--block`` consecutive steps of every contender (the order rotated each round), so that
+load from other processes hits all of them alike while each is timed as it runs in use, warm
+(timed one step each, alternating, a layer pays for the cache misses its neighbour causes: the
+ratio then depended on which other contenders were in the group, by up to 10% at D = 2). Each
 contender gets up to ``--repeats`` steps, fewer when slow (about ``--budget`` seconds each, at least 3).
 The median is reported, and the ratio ours / counterpart, which is robust to the machine's load.
 
@@ -291,11 +294,14 @@ def counterparts(name: str, dim: int, layer: nn.Module, max_weights: int) -> lis
 
 
 # -- timing --------------------------------------------------------------------------------------
-def measure(group: list[tuple[Contender, int]], batch: int, repeats: int, budget: float, warmup: int) -> None:
-    """Warm up, then time every ``(contender, dim)`` of ``group`` interleaved, round by round.
+def measure(
+    group: list[tuple[Contender, int]], batch: int, repeats: int, budget: float, warmup: int, block: int
+) -> None:
+    """Warm up, then time every ``(contender, dim)`` of ``group`` in interleaved blocks, round by round.
 
     Each contender gets ``count`` steps, ``min(repeats, budget / its step time)`` but at least
-    ``MIN_REPEATS``, spread evenly over the rounds so that all of them span the same stretch of time.
+    ``MIN_REPEATS``, spread evenly over the rounds (about ``block`` steps per round for the one with
+    the most) so that all of them span the same stretch of time.
     """
     live: list[tuple[Contender, int]] = []
     for c, dim in group:
@@ -313,7 +319,7 @@ def measure(group: list[tuple[Contender, int]], batch: int, repeats: int, budget
             c.error = f"{type(exc).__name__}: {exc}"
     if not live:
         return
-    rounds = max(c.count for c, _ in live)
+    rounds = max(1, max(c.count for c, _ in live) // max(1, block))
     for r in range(rounds):
         shift = r % len(live)
         for c, dim in live[shift:] + live[:shift]:
@@ -382,7 +388,14 @@ def compare_rows(args: argparse.Namespace) -> list[dict]:
                     skipped.append((str(exc).split(":")[0], str(exc)))
                 except Exception as exc:
                     skipped.append(("counterpart", f"not built: {type(exc).__name__}: {exc}"))
-            measure([(c, dim) for c in [mine, *others]], args.batch, args.repeats, args.budget, args.warmup)
+            measure(
+                [(c, dim) for c in [mine, *others]],
+                args.batch,
+                args.repeats,
+                args.budget,
+                args.warmup,
+                args.block,
+            )
             base = {
                 "kind": "compare",
                 "layer": name,
@@ -463,7 +476,7 @@ def scaling_rows(args: argparse.Namespace) -> list[dict]:
                 }
             )
             continue
-        measure([(small, lo), (large, hi)], args.batch, args.repeats, args.budget, args.warmup)
+        measure([(small, lo), (large, hi)], args.batch, args.repeats, args.budget, args.warmup, args.block)
         r = ratio(large.median_ms(), small.median_ms())
         fixed_m = what.startswith("fixed")
         verdict = None if not fixed_m or r is None else ("ok" if r <= FIXED_M_TARGET else "above target")
@@ -586,6 +599,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     parser.add_argument("--budget", type=float, default=2.0, help="about this many seconds per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="warm-up steps (fewer when slow)")
+    parser.add_argument("--block", type=int, default=10, help="consecutive steps per contender per round")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--layers", nargs="+", default=None, help="only these layer names")
     parser.add_argument("--scaling-dims", type=int, nargs=2, default=[100, 1000], metavar=("LO", "HI"))

@@ -122,7 +122,7 @@ class AffineAutoregressiveTransform(NetworkFlowTransform):
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mean, raw = self.conditioner(x)
         log_scale = self._log_scale(raw)
-        return torch.addcmul(mean, torch.exp(log_scale), x), log_scale.sum(-1)
+        return mean + torch.exp(log_scale) * x, log_scale.sum(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
         # after pass k, x_1..x_k are exact; a pass that changes nothing has reached the fixed point

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import ClassVar
 
 import torch
@@ -53,9 +53,21 @@ def check_positive_float(value: object, option: str, layer: str) -> float:
     return float(value)
 
 
+@cache
+def _scalar(value: float, dtype: torch.dtype) -> Tensor:
+    # a 0-dim tensor operand of the input's dtype costs less than a Python number, which every op
+    # (and its backward) wraps into a tensor and converts again; 0-dim CPU tensors take part in
+    # CUDA ops
+    return torch.tensor(value, dtype=dtype)
+
+
 def soft_clamp(raw: Tensor, bound: float) -> Tensor:
-    """``bound · tanh(raw / bound)``: the identity near 0, smoothly bounded by ``±bound``."""
-    return bound * torch.tanh(raw / bound)
+    """``bound · tanh(raw / bound)``: the identity near 0, smoothly bounded by ``±bound``.
+
+    >>> soft_clamp(torch.tensor([-100.0, 0.0, 0.5, 100.0]), 3.0)
+    tensor([-3.0000,  0.0000,  0.4954,  3.0000])
+    """
+    return torch.tanh(raw * _scalar(1.0 / bound, raw.dtype)) * _scalar(bound, raw.dtype)
 
 
 def cat_context(x: Tensor, context: Tensor) -> Tensor:
@@ -264,7 +276,7 @@ class AffineCouplingTransform(CouplingTransform):
 
     def couple(self, x_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         log_scale = soft_clamp(params["log_scale"], self.options["max_log_scale"])  # type: ignore[arg-type]
-        return torch.addcmul(params["shift"], x_b, torch.exp(log_scale)), log_scale.sum(-1)
+        return params["shift"] + torch.exp(log_scale) * x_b, log_scale.sum(-1)
 
     def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> Tensor:
         log_scale = soft_clamp(params["log_scale"], self.options["max_log_scale"])  # type: ignore[arg-type]
