@@ -242,6 +242,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 50000])
     parser.add_argument("--steps", type=int, default=30, help="scaling: timed steps per size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--runs", type=Path, help="table: folder to save trained models in and load them from"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -256,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     if args.what == "table":
         protocol = example.PROTOCOLS["cpu"]
-        example.run_table(data, protocol, flows, args.out, seed=args.seed, progress=True)
+        example.run_table(data, protocol, flows, args.out, seed=args.seed, progress=True, runs=args.runs)
     elif args.what == "abstraction":
         meta.update(block=args.block, num_flows=example.PROTOCOLS["cpu"].num_flows)
         results = abstraction_cost(example, data["train"], flows, args.batch_size, args.block, args.seed)

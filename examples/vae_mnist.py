@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pyro_flowguides import Amortised, AutoFlowGuide, MLPEncoder
+from pyro_flowguides.amortisation import randomise_heads
 from pyro_flowguides.diagnostics import log_evidence_per_item
 from pyro_flowguides.training import fit
 
@@ -235,9 +236,12 @@ def amortised(key: str, encoder: nn.Module, protocol: Protocol) -> Amortised:
     )
 
 
-def build(key: str, protocol: Protocol, arch: str, device: str | torch.device, seed: int) -> tuple:
+def build(
+    key: str, protocol: Protocol, arch: str, device: str | torch.device, seed: int, example: Tensor
+) -> tuple:
     """``(model, guide, decoder)`` for flow ``key``, networks initialised from ``seed`` (the same
-    encoder and decoder weights for every flow)."""
+    encoder and decoder weights for every flow), the guide set up on the images ``example`` with
+    random output heads (:func:`~pyro_flowguides.amortisation.randomise_heads`)."""
     pyro.set_rng_seed(seed)
     encoder, decoder = networks(arch)
     encoder.to(device)
@@ -245,6 +249,8 @@ def build(key: str, protocol: Protocol, arch: str, device: str | torch.device, s
     model = bernoulli_vae(decoder)
     init_scale = INIT_SCALES.get(key, DEFAULT_INIT_SCALE)
     guide = AutoFlowGuide(model, amortised=amortised(key, encoder, protocol), init_scale=init_scale)
+    guide(example)
+    randomise_heads(guide.local_posterior)  # a no-op once AutoFlowGuide applies Amortised.head_init
     return model, guide, decoder
 
 
@@ -346,7 +352,7 @@ def _train_and_evaluate(
     nll_index: Tensor | None,
 ) -> dict:
     """:func:`train_and_evaluate` in the param store in use."""
-    model, guide, decoder = build(key, protocol, arch, device, seed)
+    model, guide, decoder = build(key, protocol, arch, device, seed, data["train"][:1])
     train = DataLoader(data["train"], batch_size=protocol.batch_size, shuffle=True)
     valid = DataLoader(data["valid"], batch_size=VALID_BATCH)
     print(f"\n{FLOWS[key][0]}: {arch} networks, protocol {protocol.name}", flush=True)
@@ -464,7 +470,8 @@ def markdown(summary: dict) -> str:
         f"{nll_images} test images. ± is the standard error over test images; Δ columns are paired "
         f"differences from the better plain VAE ({summary['baseline']}) on the same images (negative: "
         f"better than the VAE). Flows and the first VAE start at the guide's default scale "
-        f"{DEFAULT_INIT_SCALE}. Train img/s: the whole fit, validation included, under whatever load "
+        f"{DEFAULT_INIT_SCALE}; the output heads (loc, scale, flow parameters, IAF's last MADE layer) "
+        f"start at PyTorch's default random weights. Train img/s: the whole fit, validation included, under whatever load "
         f"the machine had (not a speed comparison). Device "
         f"{summary['device']}, {summary['torch_threads']} torch thread(s).",
         "",
@@ -548,6 +555,34 @@ def save_figure(
     return path
 
 
+def save_run(row: dict, path: Path) -> Path:
+    """Write one trained model's row of :func:`train_and_evaluate` (per-image results, history,
+    the posterior's and decoder's weights) to ``path``, for :func:`load_run`."""
+    saved = {k: v for k, v in row.items() if k not in ("guide", "decoder", "params")}
+    saved["posterior_state"] = row["guide"].local_posterior.state_dict()
+    saved["decoder_state"] = row["decoder"].state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(saved, path)
+    return path
+
+
+def load_run(path: Path, protocol: Protocol, arch: str, device: str | torch.device, example: Tensor) -> dict:
+    """A row saved by :func:`save_run`, its guide and decoder rebuilt with the saved weights; the
+    run must have been made with the same protocol and architecture."""
+    saved = torch.load(path, map_location=device)
+    made_with = (saved.get("protocol"), saved.get("arch"))
+    if made_with != (asdict(protocol), arch):
+        raise ValueError(
+            f"{path} was made with protocol {made_with[0]} and arch {made_with[1]!r}, not "
+            f"{asdict(protocol)} and {arch!r}; delete it (or choose another --runs folder) to retrain"
+        )
+    with pyro.get_param_store().scope() as params:
+        _, guide, decoder = build(saved["key"], protocol, arch, device, 0, example)
+        guide.local_posterior.load_state_dict(saved.pop("posterior_state"))
+        decoder.load_state_dict(saved.pop("decoder_state"))
+    return {**saved, "guide": guide, "decoder": decoder, "params": params}
+
+
 def run_table(
     data: dict[str, Tensor],
     protocol: Protocol,
@@ -558,8 +593,13 @@ def run_table(
     seed: int = 0,
     progress: bool = True,
     stem: str = "vae_mnist",
+    runs: Path | None = None,
 ) -> dict:
-    """Train and evaluate every flow in ``flows``; save the table (JSON, markdown) and the figure."""
+    """Train and evaluate every flow in ``flows``; save the table (JSON, markdown) and the figure.
+
+    With ``runs`` (a folder), each trained model is saved there as ``<key>.pt`` and a model already
+    saved there is loaded instead of trained, so a table can be made from runs in several processes
+    (delete a model's file to retrain it)."""
     test = data["test"]
     items = protocol.nll_items or test.shape[0]
     # the test split is sorted by digit: a random subset (the same for every model)
@@ -567,7 +607,15 @@ def run_table(
     nll_index = order[:items].to(test.device)
     rows = []
     for key in flows:
-        rows.append(train_and_evaluate(key, data, protocol, arch, device, seed, progress, nll_index))
+        path = None if runs is None else runs / f"{key}.pt"
+        if path is not None and path.is_file():
+            rows.append(load_run(path, protocol, arch, device, data["train"][:1]))
+            print(f"\n{FLOWS[key][0]}: loaded from {path}", flush=True)
+        else:
+            row = train_and_evaluate(key, data, protocol, arch, device, seed, progress, nll_index)
+            rows.append({**row, "protocol": asdict(protocol), "arch": arch})
+            if path is not None:
+                save_run(rows[-1], path)
         summary = summarise(rows, protocol, arch, items)
         save_table(summary, out, stem)  # after every model, so a long run can be read as it goes
         print(markdown(summary), flush=True)
@@ -591,6 +639,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="vae_mnist_results", help="folder for JSON, markdown, figure")
+    parser.add_argument("--runs", help="folder to save each trained model in, and to load saved models from")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -600,8 +649,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     data = load_binarized_mnist(args.data, args.device)
     if args.train_items:
         data["train"] = data["train"][: args.train_items]
+    runs = None if args.runs is None else Path(args.runs)
     run_table(
-        data, protocol, args.flows, Path(args.out), args.arch, args.device, args.seed, not args.no_progress
+        data,
+        protocol,
+        args.flows,
+        Path(args.out),
+        args.arch,
+        args.device,
+        args.seed,
+        not args.no_progress,
+        runs=runs,
     )
 
 
