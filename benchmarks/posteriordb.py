@@ -100,13 +100,18 @@ def pyro_guides(init_scale: float) -> dict[str, Callable]:
     }
 
 
-def flow_guides(names: list[str], num_flows: int, init_scale: float) -> dict[str, Callable]:
-    return {
-        f"AutoFlowGuide({name} x{num_flows})": partial(
-            AutoFlowGuide, flow=name, num_flows=num_flows, init_scale=init_scale
+def flow_guides(specs: list[str], num_flows: int, init_scale: float) -> dict[str, Callable]:
+    """AutoFlowGuide per spec: a layer name (``num_flows`` of it) or names joined by ``+`` (a stack)."""
+    guides = {}
+    for spec in specs:
+        if "+" in spec:
+            label, flow, count = spec, spec.split("+"), 1
+        else:
+            label, flow, count = f"{spec} x{num_flows}", spec, num_flows
+        guides[f"AutoFlowGuide({label})"] = partial(
+            AutoFlowGuide, flow=flow, num_flows=count, init_scale=init_scale
         )
-        for name in names
-    }
+    return guides
 
 
 def is_pyro_guide(name: str) -> bool:
@@ -303,6 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-scale", type=float, default=0.1, help="initial scale, guides that have one")
     parser.add_argument("--num-flows", type=int, default=4)
     parser.add_argument("--draws", type=int, default=4000, help="guide draws for the moments and k-hat")
+    parser.add_argument(
+        "--flows",
+        nargs="+",
+        default=None,
+        help="AutoFlowGuide configurations: layer names, or stacks as names joined by '+' "
+        "(default: every registered layer)",
+    )
     parser.add_argument("--posteriors", nargs="*", default=None)
     parser.add_argument("--guides", nargs="*", default=None, help="substrings of guide names to run")
     parser.add_argument(
@@ -318,7 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="Encountered NaN")  # a diverged fit is reported as failed
-    families = QUICK_FLOWS if args.quick else flows.available()
+    families = args.flows or (QUICK_FLOWS if args.quick else flows.available())
     guides = {**pyro_guides(args.init_scale), **flow_guides(families, args.num_flows, args.init_scale)}
     if args.guides:
         guides = {k: v for k, v in guides.items() if any(s in k for s in args.guides)}
