@@ -77,6 +77,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     zuko = None
 
 MIN_REPEATS = 3
+MIN_ROUNDS = 10  # interleaved rounds at least (when there are that many steps)
 SCALING_LAYERS: list[tuple[str, dict[str, object], str]] = [
     ("orthogonal_sylvester", {}, "fixed M = 32 (default min(D, 32))"),
     ("orthogonal_sylvester", {"num_ortho_vecs": 8}, "fixed M = 8"),
@@ -301,7 +302,8 @@ def measure(
 
     Each contender gets ``count`` steps, ``min(repeats, budget / its step time)`` but at least
     ``MIN_REPEATS``, spread evenly over the rounds (about ``block`` steps per round for the one with
-    the most) so that all of them span the same stretch of time.
+    the most, fewer when that would make less than ``MIN_ROUNDS`` rounds) so that all of them span
+    the same stretch of time.
     """
     live: list[tuple[Contender, int]] = []
     for c, dim in group:
@@ -319,7 +321,8 @@ def measure(
             c.error = f"{type(exc).__name__}: {exc}"
     if not live:
         return
-    rounds = max(1, max(c.count for c, _ in live) // max(1, block))
+    most = max(c.count for c, _ in live)
+    rounds = min(most, max(MIN_ROUNDS, most // max(1, block)))  # slow layers: shorter blocks
     for r in range(rounds):
         shift = r % len(live)
         for c, dim in live[shift:] + live[:shift]:
