@@ -97,7 +97,7 @@ class AutoFlowGuide(AutoContinuous):
     def __init__(
         self,
         model: Callable,
-        flow: flows.FlowSpec = "affine_coupling",
+        flow: flows.FlowSpec = "iaf",
         num_flows: int = 4,
         *,
         init_loc_fn: Callable = init_to_median_or_feasible,
