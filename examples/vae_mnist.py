@@ -241,7 +241,8 @@ def build(
 ) -> tuple:
     """``(model, guide, decoder)`` for flow ``key``, networks initialised from ``seed`` (the same
     encoder and decoder weights for every flow), the guide set up on the images ``example`` with
-    random output heads (:func:`~pyro_flowguides.amortisation.randomise_heads`)."""
+    random output heads (:func:`~pyro_flowguides.amortisation.randomise_heads`) and flows on the
+    base draw ``loc + scale ⊙ ε`` (``centred=False``), as in the paper."""
     pyro.set_rng_seed(seed)
     encoder, decoder = networks(arch)
     encoder.to(device)
@@ -250,7 +251,9 @@ def build(
     init_scale = INIT_SCALES.get(key, DEFAULT_INIT_SCALE)
     guide = AutoFlowGuide(model, amortised=amortised(key, encoder, protocol), init_scale=init_scale)
     guide(example)
-    randomise_heads(guide.local_posterior)  # a no-op once AutoFlowGuide applies Amortised.head_init
+    # Amortised's defaults head_init="random", centred=False, until AutoFlowGuide passes them on
+    randomise_heads(guide.local_posterior)  # then a no-op
+    guide.local_posterior.centred = False
     return model, guide, decoder
 
 
@@ -471,7 +474,8 @@ def markdown(summary: dict) -> str:
         f"differences from the better plain VAE ({summary['baseline']}) on the same images (negative: "
         f"better than the VAE). Flows and the first VAE start at the guide's default scale "
         f"{DEFAULT_INIT_SCALE}; the output heads (loc, scale, flow parameters, IAF's last MADE layer) "
-        f"start at PyTorch's default random weights. Train img/s: the whole fit, validation included, under whatever load "
+        f"start at PyTorch's default random weights, and the flows map the base draw loc + scale ⊙ ε "
+        f"(as in the paper). Train img/s: the whole fit, validation included, under whatever load "
         f"the machine had (not a speed comparison). Device "
         f"{summary['device']}, {summary['torch_threads']} torch thread(s).",
         "",

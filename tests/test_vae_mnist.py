@@ -11,9 +11,11 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.infer import Trace_ELBO
 
 from pyro_flowguides import Amortised, AutoFlowGuide, MLPEncoder
+from pyro_flowguides.amortisation import AmortisedFlow, randomise_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,6 +157,64 @@ def test_summary_reports_paired_differences_and_the_papers_ordering():
     assert "| O-SNF |" in text and "83.32" in text and "-1.00 ± 0.29" in text
 
 
+def test_random_heads_make_the_first_posterior_depend_on_the_data():
+    torch.manual_seed(0)
+    x = binary_images(5)
+    zeros = AmortisedFlow(MLPEncoder(784, [16]), 16, torch.full((3,), 0.5), 0.1, "planar", 2)
+    q = zeros(x)
+    torch.testing.assert_close(q.loc, torch.full((5, 3), 0.5))  # the same start for every image
+    torch.testing.assert_close(q.scale, torch.full((5, 3), 0.1))
+    encoder = zeros.encoder.net[0]
+    kept = encoder.weight.detach().clone()
+    randomise_heads(zeros)
+    torch.testing.assert_close(encoder.weight, kept)  # only zero-weight layers are touched
+    q = zeros(x)
+    assert q.loc.std(0).min() > 0  # each image its own start
+    assert zeros.base.head.weight.abs().max() <= 1 / math.sqrt(16)  # PyTorch's U(±1/√fan_in)
+    torch.testing.assert_close(zeros.base.head.bias[:3], torch.full((3,), 0.5))  # biases kept
+    random = AmortisedFlow(MLPEncoder(784, [16]), 16, torch.zeros(3), 0.1, "iaf", 1, head_init="random")
+    made_output = random.layers[0].net.layers[-1]  # IAF's last MADE layer: zero weights before
+    assert made_output.weight.abs().min() > 0 and not made_output.bias.any()
+    with pytest.raises(ValueError, match="head_init must be 'random' or 'zeros'"):
+        AmortisedFlow(MLPEncoder(784, [16]), 16, torch.zeros(3), 0.1, "planar", 1, head_init="normal")
+    with pytest.raises(ValueError, match="head_init must be 'random' or 'zeros'"):
+        Amortised(plate="data", inputs=lambda x: x, head_init="normal")
+
+
+@pytest.mark.parametrize("flow", ["planar", "iaf"])
+def test_uncentred_flow_maps_the_base_draw_and_scores_by_change_of_variables(flow):
+    """centred=False: z = f(loc + scale ⊙ ε), log q(z) = log N(loc + scale ⊙ ε) - log|det ∂f|."""
+    torch.manual_seed(0)
+    posterior = AmortisedFlow(MLPEncoder(4, [8]), 8, torch.zeros(3), 0.5, flow, 2, head_init="random")
+    posterior = posterior.double()
+    posterior.centred = False
+    with torch.no_grad():  # away from the identity flows of initialisation
+        for p in posterior.layers.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    x = torch.randn(2, 4, dtype=torch.float64)
+    q = posterior(x)
+    torch.manual_seed(1)
+    z = q.rsample()
+    torch.manual_seed(1)
+    eps = torch.randn(2, 3, dtype=torch.float64)
+    h = posterior.encoder(x)
+    layers = [t.condition(h) if isinstance(t, ConditionalTransformModule) else t for t in posterior.layers]
+
+    def f(v):
+        for layer in layers:
+            v = layer(v)
+        return v
+
+    base = q.loc + q.scale * eps
+    torch.testing.assert_close(z, f(base))
+    jacobians = torch.stack(
+        [torch.autograd.functional.jacobian(lambda v, i=i: f(v)[i], base)[:, i] for i in range(2)]
+    )
+    expected = dist.Normal(q.loc, q.scale).log_prob(base).sum(-1) - torch.linalg.slogdet(jacobians)[1]
+    torch.testing.assert_close(q.log_prob(z), expected)  # the log-density kept from the draw
+    torch.testing.assert_close(q.log_prob(z.clone()), expected)  # through the inverse
+
+
 @pytest.mark.parametrize("arch", ["mlp", "paper"])
 def test_networks_take_leading_sample_dims(arch):
     encoder, decoder = example.networks(arch)
@@ -206,3 +266,14 @@ def test_table_on_a_slice_of_mnist(tmp_path):
         assert 0 < m["nll"] < math.inf and 0 < m["neg_elbo"] < math.inf
     assert saved["test_images_nll"] == 10 and saved["test_images_elbo"] == 40
     assert "H-SNF" in (tmp_path / "vae_mnist.md").read_text()
+    # runs saved in one process and loaded in another give the same table and figure
+    runs = tmp_path / "runs"
+    torch.manual_seed(0)
+    first = example.run_table(data, protocol, ["vae", "h-snf"], tmp_path / "a", progress=False, runs=runs)
+    assert sorted(p.name for p in runs.iterdir()) == ["h-snf.pt", "vae.pt"]
+    again = example.run_table(data, protocol, ["vae", "h-snf"], tmp_path / "b", progress=False, runs=runs)
+    assert again == first
+    assert (tmp_path / "b" / "vae_mnist.png").stat().st_size > 0
+    other = example.Protocol("other", 1, 1, 1, "adam", 1e-3, 50, 2, 128, 8, 10)
+    with pytest.raises(ValueError, match="was made with protocol"):
+        example.run_table(data, other, ["vae"], tmp_path / "c", progress=False, runs=runs)
