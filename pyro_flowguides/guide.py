@@ -253,9 +253,14 @@ class AutoFlowGuide(AutoContinuous):
     @staticmethod
     def _sample_site(site: dict, unconstrained: Tensor) -> Tensor:
         """Sample ``site`` at ``biject_to(support)(unconstrained)``, with the Jacobian as its density."""
+        support = site["fn"].support
+        event_dim = site["fn"].event_dim
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        if support is constraints.real:  # the identity: no transform, no Jacobian
+            return pyro.sample(site["name"], dist.Delta(unconstrained, event_dim=event_dim))
         transform = biject_to(site["fn"].support)
         value = transform(unconstrained)
-        event_dim = site["fn"].event_dim
         if poutine.get_mask() is False:
             log_density = 0.0
         else:
