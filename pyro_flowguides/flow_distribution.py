@@ -12,6 +12,8 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor
 from torch.distributions import Transform, constraints
 
+from .transforms.base import scalar
+
 _HALF_LOG_TWO_PI = 0.5 * math.log(2 * math.pi)
 _NO_SAMPLE_DIMS = torch.Size()
 
@@ -78,7 +80,8 @@ class FlowDistribution(TorchDistribution):
         shape = self._extended_shape(sample_shape)
         eps = torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
         # the same as _base_log_prob(eps), with the constant ε terms kept out of the autograd graph
-        log_normal = -(0.5 * eps.square() + _HALF_LOG_TWO_PI).sum(-1)
+        dtype = eps.dtype
+        log_normal = eps.square().sum(-1) * scalar(-0.5, dtype) - scalar(_HALF_LOG_TWO_PI * shape[-1], dtype)
         x, log_q = self.scale * eps, log_normal - self.scale.log().sum(-1)
         for layer in self.layers:
             x_next = layer(x)

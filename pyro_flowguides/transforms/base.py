@@ -16,6 +16,7 @@ import itertools
 import math
 from abc import ABCMeta, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from typing import ClassVar
 
 import torch
@@ -49,6 +50,20 @@ def check_positive_int(value: object, option: str, layer: str, upper: int | None
             f"choose {option} <= {upper}"
         )
     return value
+
+
+@cache
+def scalar(value: float, dtype: torch.dtype) -> Tensor:
+    """``value`` as a 0-dim CPU tensor of ``dtype``, for arithmetic in hot paths.
+
+    A Python number is wrapped into a float64 tensor and converted to the operand's dtype by every
+    op, and again by its backward; a 0-dim tensor of the right dtype is not (0-dim CPU tensors
+    also take part in CUDA ops).
+
+    >>> scalar(0.5, torch.float32)
+    tensor(0.5000)
+    """
+    return torch.tensor(value, dtype=dtype)
 
 
 class FlowTransform(Transform, metaclass=ABCMeta):

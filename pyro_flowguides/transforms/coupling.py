@@ -16,14 +16,14 @@ from __future__ import annotations
 import math
 from abc import abstractmethod
 from collections.abc import Callable, Mapping, Sequence
-from functools import cache, partial
+from functools import partial
 from typing import ClassVar
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch import Tensor, nn
 
-from .base import FlowTransform, LayerModule, ZeroHeadMLP, check_event_dim, check_positive_int
+from .base import FlowTransform, LayerModule, ZeroHeadMLP, check_event_dim, check_positive_int, scalar
 
 #: ``x_a -> raw parameters`` (flat, ``batch + (out_dim,)``): what a coupling transform is given.
 Conditioner = Callable[[Tensor], Tensor]
@@ -53,21 +53,13 @@ def check_positive_float(value: object, option: str, layer: str) -> float:
     return float(value)
 
 
-@cache
-def _scalar(value: float, dtype: torch.dtype) -> Tensor:
-    # a 0-dim tensor operand of the input's dtype costs less than a Python number, which every op
-    # (and its backward) wraps into a tensor and converts again; 0-dim CPU tensors take part in
-    # CUDA ops
-    return torch.tensor(value, dtype=dtype)
-
-
 def soft_clamp(raw: Tensor, bound: float) -> Tensor:
     """``bound · tanh(raw / bound)``: the identity near 0, smoothly bounded by ``±bound``.
 
     >>> soft_clamp(torch.tensor([-100.0, 0.0, 0.5, 100.0]), 3.0)
     tensor([-3.0000,  0.0000,  0.4954,  3.0000])
     """
-    return torch.tanh(raw * _scalar(1.0 / bound, raw.dtype)) * _scalar(bound, raw.dtype)
+    return torch.tanh(raw * scalar(1.0 / bound, raw.dtype)) * scalar(bound, raw.dtype)
 
 
 def cat_context(x: Tensor, context: Tensor) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ConditionalFlowModule, FlowModule, FlowTransform, RawParams
+from .base import ConditionalFlowModule, FlowModule, FlowTransform, RawParams, scalar
 from .numerical_inverse import solve_increasing
 
 _SOFTPLUS_INV_ONE = math.log(math.e - 1)
@@ -43,8 +43,8 @@ class PlanarTransform(FlowTransform):
         """``(û, w, b, ûᵀw, 1 + ûᵀw)``; ``1 + ûᵀw = softplus(·)`` without cancellation."""
         u, w, b = raw["u"], raw["w"], raw["b"]
         wu = (w * u).sum(-1, keepdim=True)
-        one_plus_wu_hat = F.softplus(wu + _SOFTPLUS_INV_ONE)
-        wu_hat = one_plus_wu_hat - 1
+        one_plus_wu_hat = F.softplus(wu + scalar(_SOFTPLUS_INV_ONE, wu.dtype))
+        wu_hat = one_plus_wu_hat - scalar(1.0, wu.dtype)
         w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
         u_hat = u + (wu_hat - wu) * w / w_sq
         return u_hat, w, b, wu_hat, one_plus_wu_hat
@@ -52,9 +52,9 @@ class PlanarTransform(FlowTransform):
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         u_hat, w, b, wu_hat, one_plus_wu_hat = self.constrained()
         act = torch.tanh(torch.linalg.vecdot(x, w).unsqueeze(-1) + b)
-        y = torch.addcmul(x, u_hat, act)
+        y = x + u_hat * act
         # 1 + ûᵀw (1 - tanh²) = (1 + ûᵀw) - ûᵀw tanh²
-        log_det = torch.log(torch.addcmul(one_plus_wu_hat, wu_hat, act.square(), value=-1))
+        log_det = torch.log(one_plus_wu_hat - wu_hat * act.square())
         return y, log_det.squeeze(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
