@@ -168,20 +168,26 @@ def main(argv: list[str] | None = None) -> None:
         **errors(fresh_draws.samples, reference),
     }
 
+    summary = {
+        "train_seconds": train_seconds,
+        "speedup_fresh_fit_over_amortised": fit_seconds / rows["amortised"]["seconds"],
+        "speedup_fresh_fit_over_amortised_psis": fit_seconds / rows["amortised + PSIS"]["seconds"],
+        "break_even_datasets": train_seconds / (fit_seconds - rows["amortised + PSIS"]["seconds"]),
+    }
+    save(args, rows, summary, sbc)  # eight schools' figures kept should the regression fail
     sbc["regression"] = regression.result() if regression else regression_sbc(args)
+    save(args, rows, summary, sbc)
+    print(args.out.with_suffix(".md").read_text())
 
+
+def save(args: argparse.Namespace, rows: dict, summary: dict, sbc: dict) -> None:
+    """Write the figures so far to ``args.out`` (``.json`` and ``.md``)."""
     settings = {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "torch": torch.__version__,
         "pyro": pyro.__version__,
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
-    }
-    summary = {
-        "train_seconds": train_seconds,
-        "speedup_fresh_fit_over_amortised": fit_seconds / rows["amortised"]["seconds"],
-        "speedup_fresh_fit_over_amortised_psis": fit_seconds / rows["amortised + PSIS"]["seconds"],
-        "break_even_datasets": train_seconds / (fit_seconds - rows["amortised + PSIS"]["seconds"]),
     }
     result = {
         "settings": settings,
@@ -199,7 +205,6 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=2))
     args.out.with_suffix(".md").write_text(markdown(rows, summary, sbc, settings))
-    print(args.out.with_suffix(".md").read_text())
 
 
 def markdown(rows: dict, summary: dict, sbc: dict, settings: dict) -> str:
