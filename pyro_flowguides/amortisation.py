@@ -217,7 +217,8 @@ class AmortisedFlow(nn.Module):
     Centring puts the structure a layer has at the origin (a planar hyperplane, a radial centre)
     in the middle of every item's posterior mass; uncentred, the encoder places it. Measured on
     MNIST (4 epochs of 20 000 images, MLP networks, random heads), uncentred flows gave a better
-    test NLL: planar 124.5 → 115.9 nats (the plain VAE: 120.6), IAF 118.0 → 113.8.
+    test NLL: planar 124.5 → 115.9 nats (the plain VAE: 120.6), IAF 118.0 → 113.8, O-SNF
+    114.4 → 112.7.
 
     >>> import torch
     >>> from pyro_flowguides.encoders import MLPEncoder
