@@ -387,9 +387,10 @@ def test_eight_schools_amortised_posterior_matches_the_reference(monkeypatch):
     assert max(max(e) for e in errors.values()) < 0.1, errors
     sbc = example.calibrate("eight_schools", guide)
     print(sbc)
-    # measured: here every parameter passed the 1% test (p 0.015-0.54); in the benchmark's run
-    # (other simulated data sets) four theta_tilde did not (p 0.003-0.008). 95% intervals cover
-    # 0.89-0.93 instead of 0.94 (docs/amortisation_datasets.md)
+    # measured with the previous recipe (ELBO + importance-weighted bound): every parameter passed
+    # the 1% test here (p 0.015-0.54), four theta_tilde did not in the benchmark's run. With the
+    # ForwardKL recipe, an exploratory run passed all ten (p >= 0.05), raw moments within 0.11 sd
+    # (docs/amortisation_datasets.md); not yet run as this test
     assert sbc.passed()["mu"] and sbc.passed()["tau"]
     assert min(c[0.95] for c in sbc.coverage().values()) > 0.88
 
@@ -402,7 +403,8 @@ def test_regression_with_varying_design_is_calibrated():
     example.train("regression", guide)
     sbc = example.calibrate("regression", guide)
     print(sbc)
-    # measured: beta[0], beta[1] pass the 1% test, beta[2] and s do not; coverage within 0.06
+    # measured with the previous recipe: beta[0], beta[1] pass the 1% test, beta[2] and s do not;
+    # with ForwardKL (a shortened run) the three beta pass and s does not
     coverage = sbc.coverage()
     assert min(c[0.95] for c in coverage.values()) > 0.88
     assert max(abs(c[0.5] - 0.5) for c in coverage.values()) < 0.07
