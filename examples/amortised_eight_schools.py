@@ -24,7 +24,7 @@ posterior for the real eight schools data with its Pareto k-hat (raw, and import
 with PSIS), and simulation-based calibration (Talts et al. 2018) of both guides over 1000
 simulated data sets.
 
-    python examples/amortised_eight_schools.py                  # about 15 minutes on one core
+    python examples/amortised_eight_schools.py                  # about 30 minutes on one core
     python examples/amortised_eight_schools.py --elbo-steps 1000 --forward-kl-steps 300   # a quick look
     python examples/amortised_eight_schools.py --plot sbc.png   # rank histograms
 """
