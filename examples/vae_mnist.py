@@ -46,7 +46,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pyro_flowguides import Amortised, AutoFlowGuide, MLPEncoder
-from pyro_flowguides.amortisation import randomise_heads
 from pyro_flowguides.diagnostics import log_evidence_per_item
 from pyro_flowguides.training import fit
 
@@ -241,8 +240,9 @@ def build(
 ) -> tuple:
     """``(model, guide, decoder)`` for flow ``key``, networks initialised from ``seed`` (the same
     encoder and decoder weights for every flow), the guide set up on the images ``example`` with
-    random output heads (:func:`~pyro_flowguides.amortisation.randomise_heads`) and flows on the
-    base draw ``loc + scale ⊙ ε`` (``centred=False``), as in the paper."""
+    :class:`~pyro_flowguides.Amortised`'s defaults: random output heads
+    (:func:`~pyro_flowguides.amortisation.randomise_heads`) and flows on the base draw
+    ``loc + scale ⊙ ε`` (``centred=False``), as in the paper."""
     pyro.set_rng_seed(seed)
     encoder, decoder = networks(arch)
     encoder.to(device)
@@ -251,9 +251,6 @@ def build(
     init_scale = INIT_SCALES.get(key, DEFAULT_INIT_SCALE)
     guide = AutoFlowGuide(model, amortised=amortised(key, encoder, protocol), init_scale=init_scale)
     guide(example)
-    # Amortised's defaults head_init="random", centred=False, until AutoFlowGuide passes them on
-    randomise_heads(guide.local_posterior)  # then a no-op
-    guide.local_posterior.centred = False
     return model, guide, decoder
 
 

@@ -183,7 +183,15 @@ class AutoFlowGuide(AutoContinuous):
         if num_flows:
             options = resolve_conditioning(flow, spec.conditioning, options)
         posterior = AmortisedFlow(
-            encoder, h.shape[-1], init_loc, self._init_scale, flow, num_flows, **options
+            encoder,
+            h.shape[-1],
+            init_loc,
+            self._init_scale,
+            flow,
+            num_flows,
+            head_init=spec.head_init,
+            centred=spec.centred,
+            **options,
         )
         for part in (posterior.base, posterior.layers):
             part.to(device=init_loc.device, dtype=init_loc.dtype)

@@ -50,7 +50,7 @@ def test_subsampled_conjugate_local_posterior_is_learned(flow, conditioning):
     guide = AutoFlowGuide(local_model, flow=flow, num_flows=2, amortised=spec)
     elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
     svi = SVI(local_model, guide, pyro.optim.ClippedAdam({"lr": 0.01, "lrd": 0.1**0.001}), elbo)
-    for _ in range(1000):
+    for _ in range(2000):  # uncentred Sylvester-heads needs more than 1000 (median off by 0.094)
         svi.step(x, 64)
     x_new = torch.linspace(-3, 3, 7).unsqueeze(-1).expand(7, 2)
     median = guide.median(x_new)["z"]
