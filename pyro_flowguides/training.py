@@ -157,6 +157,10 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(message)
         self.step, self.params, self.sites = step, params, sites
 
+    def __reduce__(self) -> tuple:
+        # pickled whole (e.g. raised in a worker process), not rebuilt from ``args`` alone
+        return type(self), (self.args[0], self.step, self.params, self.sites)
+
 
 class ModelStructureError(ValueError):
     """The model's sample sites changed between calls, or the guide does not match them."""

@@ -1,6 +1,7 @@
 """fit: the SVI step it takes, KL warm-up, NaN safety, schedules, clipping, early stopping, callbacks."""
 
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
@@ -464,3 +465,11 @@ def test_the_progress_bar_shows_the_loss_when_asked(capsys):
     fit(normal_model, AutoNormal(normal_model), torch.zeros(3), num_steps=20, log_every=5, progress=True)
     err = capsys.readouterr().err
     assert "20/20" in err and "loss=" in err
+
+
+def test_nonfinite_loss_error_survives_pickling():
+    """A worker process pickles the error to its parent; the message and the details must arrive."""
+    error = NonFiniteLossError("step 3 is not finite", 3, ["AutoFlowGuide.loc"], ["model site 'x': nan"])
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is NonFiniteLossError and str(copy) == "step 3 is not finite"
+    assert (copy.step, copy.params, copy.sites) == (3, ["AutoFlowGuide.loc"], ["model site 'x': nan"])
