@@ -277,6 +277,20 @@ def _datasets_at_once(
         )
 
 
+class _PlateNestingCache:
+    """The model's plate dims per (model, guide), found once by tracing them (which also sets the
+    guide up), not at every step."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[int, int], int] = {}
+
+    def __call__(self, model: Callable, guide: Callable, dataset: Mapping[str, Any]) -> int:
+        key = (id(unwrap(model)), id(unwrap(guide)))
+        if key not in self._known:
+            self._known[key] = max_plate_nesting(model, guide, **dataset)
+        return self._known[key]
+
+
 class DatasetELBO:
     r"""The negative ELBO averaged over a :class:`DatasetBatch` of data sets, with ``Trace_ELBO``:
     ``-(1/B) Σ_b E_q[log p(x^{(b)}, z) - log q(z | x^{(b)})]``, ``num_particles`` draws per data set.
@@ -319,14 +333,7 @@ class DatasetELBO:
             )
         self.tail_quantile = tail_quantile
         self.importance_weighted = importance_weighted
-        self._plate_nesting: dict[tuple[int, int], int] = {}
-
-    def plate_nesting(self, model: Callable, guide: Callable, dataset: Mapping[str, Any]) -> int:
-        """The model's plate dims, found once per model and guide (this also sets the guide up)."""
-        key = (id(unwrap(model)), id(unwrap(guide)))
-        if key not in self._plate_nesting:
-            self._plate_nesting[key] = max_plate_nesting(model, guide, **dataset)
-        return self._plate_nesting[key]
+        self.plate_nesting = _PlateNestingCache()
 
     def _elbo(self, plate_nesting: int) -> Trace_ELBO:
         return Trace_ELBO(
@@ -460,6 +467,7 @@ class ForwardKL:
                 f"{simulated_weight!r}"
             )
         self.num_particles, self.simulated_weight = num_particles, simulated_weight
+        self._plate_nesting = _PlateNestingCache()
 
     def __call__(self, model: Callable, guide: Callable, batch: DatasetBatch) -> Tensor:
         if not isinstance(batch, DatasetBatch):
@@ -478,7 +486,10 @@ class ForwardKL:
             log_q = posterior_log_density(guide, batch, batch.latents)
             terms.append(-self.simulated_weight * log_q.mean())
         if self.num_particles:
-            draws = draw_for_datasets(model, guide, batch, self.num_particles, log_weights=True)
+            nesting = self._plate_nesting(model, guide, batch[0])
+            draws = draw_for_datasets(
+                model, guide, batch, self.num_particles, log_weights=True, plate_nesting=nesting
+            )
             weights = torch.softmax(draws.log_weights, 0)
             log_q = posterior_log_density(guide, batch, draws.samples, (self.num_particles,))
             terms.append(-(weights * log_q).sum(0).mean())
@@ -497,11 +508,18 @@ class DatasetDraws:
 
 @torch.no_grad()
 def draw_for_datasets(
-    model: Callable, guide: Callable, batch: DatasetBatch, num_draws: int = 1000, log_weights: bool = False
+    model: Callable,
+    guide: Callable,
+    batch: DatasetBatch,
+    num_draws: int = 1000,
+    log_weights: bool = False,
+    *,
+    plate_nesting: int | None = None,
 ) -> DatasetDraws:
     """``num_draws`` draws of the guide's latent sites for every data set of ``batch``, all in one
     vectorised guide run (one encoder pass per data set); with ``log_weights`` the model is
-    replayed on them for the importance log-weights.
+    replayed on them for the importance log-weights. ``plate_nesting``: the model's plate dims
+    (default: found by tracing the model and guide on one data set).
 
     >>> import pyro.distributions as dist
     >>> from pyro_flowguides import AutoFlowGuide, DataSummary
@@ -514,7 +532,7 @@ def draw_for_datasets(
     >>> draws.samples["mu"].shape, draws.log_weights.shape
     (torch.Size([10, 6]), torch.Size([10, 6]))
     """
-    nesting = max_plate_nesting(model, guide, **batch[0])
+    nesting = max_plate_nesting(model, guide, **batch[0]) if plate_nesting is None else plate_nesting
     with poutine.block():
         _, shapes = _probe(guide, batch[0])
     with _datasets_at_once(model, guide, batch, nesting) as (batched_model, batched_guide):
