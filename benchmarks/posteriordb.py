@@ -101,15 +101,22 @@ def pyro_guides(init_scale: float) -> dict[str, Callable]:
 
 
 def flow_guides(specs: list[str], num_flows: int, init_scale: float) -> dict[str, Callable]:
-    """AutoFlowGuide per spec: a layer name (``num_flows`` of it) or names joined by ``+`` (a stack)."""
+    """AutoFlowGuide per spec: a layer name (``num_flows`` of it) or names joined by ``+`` (a stack),
+    prefixed ``full:`` for ``base_covariance="full"``."""
     guides = {}
     for spec in specs:
+        options = {}
+        if spec.startswith("full:"):
+            options["base_covariance"] = "full"
+            spec = spec.removeprefix("full:")
         if "+" in spec:
             label, flow, count = spec, spec.split("+"), 1
         else:
             label, flow, count = f"{spec} x{num_flows}", spec, num_flows
+        if options:
+            label = f"{label}, full-rank base"
         guides[f"AutoFlowGuide({label})"] = partial(
-            AutoFlowGuide, flow=flow, num_flows=count, init_scale=init_scale
+            AutoFlowGuide, flow=flow, num_flows=count, init_scale=init_scale, **options
         )
     return guides
 
@@ -312,7 +319,8 @@ def main(argv: list[str] | None = None) -> None:
         "--flows",
         nargs="+",
         default=None,
-        help="AutoFlowGuide configurations: layer names, or stacks as names joined by '+' "
+        help="AutoFlowGuide configurations: layer names, or stacks as names joined by '+'; "
+        "prefix 'full:' for base_covariance='full' "
         "(default: every registered layer)",
     )
     parser.add_argument("--posteriors", nargs="*", default=None)

@@ -1,4 +1,4 @@
-"""A flow posterior ``loc + f(scale ⊙ ε)``, sampled and scored in one pass."""
+"""A flow posterior ``loc + f(scale ⊙ U ε)`` (or ``loc + scale ⊙ f(U ε)``), sampled and scored in one pass."""
 
 from __future__ import annotations
 
@@ -19,13 +19,20 @@ _NO_SAMPLE_DIMS = torch.Size()
 
 
 class FlowDistribution(TorchDistribution):
-    r"""``z = loc + f_K ∘ … ∘ f_1(scale ⊙ ε)``, ``ε ~ N(0, I)``, with density
-    ``log q(z) = log N(ε; 0, I) - Σ log scale - Σ_k log|det ∂f_k/∂x_{k-1}|``.
+    r"""``z = loc + f_K ∘ … ∘ f_1(scale ⊙ U ε)``, ``ε ~ N(0, I)``, with density
+    ``log q(z) = log N(ε; 0, I) - Σ log scale - Σ_k log|det ∂f_k/∂x_{k-1}|``;
+    ``standardised=True`` gives ``z = loc + scale ⊙ f_K ∘ … ∘ f_1(U ε)`` with the same density.
 
-    The layers act on the *centred* variable ``scale ⊙ ε``, where layers with structure at the
-    origin (radial centres, planar hyperplanes, Householder reflections) start in the middle of
-    the mass whatever ``loc`` is, and the anisotropy of ``scale`` is there for rotations to act on.
-    With identity layers it is ``N(loc, diag(scale²))``.
+    ``U`` (``shear``) is unit lower triangular (``det U = 1``), the identity when not given; with
+    identity layers ``z ~ N(loc, diag(scale) U Uᵀ diag(scale))``, Pyro's ``AutoMultivariateNormal``.
+
+    By default the layers act on the *centred* variable ``scale ⊙ U ε``, where layers with
+    structure at the origin (radial centres, planar hyperplanes, Householder reflections) start in
+    the middle of the mass whatever ``loc`` is. Standardised, they act on a unit-scale variable and
+    ``scale`` comes last: a layer that mixes coordinates then mixes comparable scales, whatever the
+    posterior's scales are (one of 1e-3 and one of 0.1 mixed by a rotation makes the small one's
+    marginal a hundred times too wide), and a step of the layers' parameters moves ``z`` by an
+    amount proportional to ``scale``.
 
     ``rsample`` computes the sample and its log-density together and keeps the log-density, so
     ``log_prob`` of the value just drawn costs nothing; ``log_prob`` of any other point inverts
@@ -53,9 +60,13 @@ class FlowDistribution(TorchDistribution):
         scale: Tensor,
         layers: Sequence[Transform | ConditionalTransformModule],
         context: Tensor | None = None,
+        *,
+        shear: Tensor | None = None,
+        standardised: bool = False,
         validate_args: bool | None = None,
     ) -> None:
         self.loc, self.scale = torch.broadcast_tensors(loc, scale)
+        self.shear, self.standardised = shear, standardised
         if context is not None:
             layers = [
                 layer.condition(context) if isinstance(layer, ConditionalTransformModule) else layer
@@ -70,7 +81,9 @@ class FlowDistribution(TorchDistribution):
         batch_shape = torch.Size(batch_shape)
         shape = batch_shape + self.event_shape
         loc, scale = self.loc.expand(shape), self.scale.expand(shape)
-        return FlowDistribution(loc, scale, self.layers, validate_args=False)  # checked when built
+        return FlowDistribution(  # checked when built
+            loc, scale, self.layers, shear=self.shear, standardised=self.standardised, validate_args=False
+        )
 
     def _base_log_prob(self, eps: Tensor) -> Tensor:
         """``log N(ε; 0, I) - Σ log scale``: the standard normal and the final affine map's Jacobian."""
@@ -82,12 +95,13 @@ class FlowDistribution(TorchDistribution):
         # the same as _base_log_prob(eps), with the constant ε terms kept out of the autograd graph
         dtype = eps.dtype
         log_normal = eps.square().sum(-1) * scalar(-0.5, dtype) - scalar(_HALF_LOG_TWO_PI * shape[-1], dtype)
-        x, log_q = self.scale * eps, log_normal - self.scale.log().sum(-1)
+        x = eps if self.shear is None else eps @ self.shear.mT
+        x, log_q = self._scaled(x, first=True), log_normal - self.scale.log().sum(-1)
         for layer in self.layers:
             x_next = layer(x)
             log_q = log_q - layer.log_abs_det_jacobian(x, x_next)
             x = x_next
-        z = self.loc + x
+        z = self.loc + self._scaled(x, first=False)
         self._drawn = (z, log_q)
         return z
 
@@ -97,15 +111,29 @@ class FlowDistribution(TorchDistribution):
         if self._validate_args:
             self._validate_sample(value)
         x, log_det = value - self.loc, value.new_zeros(())
+        if self.standardised:
+            x = x / self.scale
         for layer in reversed(self.layers):
             x_prev = layer.inv(x)
             log_det = log_det + layer.log_abs_det_jacobian(x_prev, x)
             x = x_prev
-        return self._base_log_prob(x / self.scale) - log_det
+        if not self.standardised:
+            x = x / self.scale
+        if self.shear is not None:  # ε Uᵀ = x
+            flat = x.reshape(-1, x.shape[-1])
+            flat = torch.linalg.solve_triangular(
+                self.shear.mT, flat, upper=True, left=False, unitriangular=True
+            )
+            x = flat.reshape(x.shape)
+        return self._base_log_prob(x) - log_det
+
+    def _scaled(self, x: Tensor, *, first: bool) -> Tensor:
+        """``scale ⊙ x`` before the layers (``first``), or after them when standardised."""
+        return self.scale * x if first != self.standardised else x
 
     def median_point(self) -> Tensor:
-        """``loc + f(0)``: the image of the base distribution's centre."""
+        """``loc + f(0)`` (``loc + scale ⊙ f(0)`` standardised): the image of the base's centre."""
         x = torch.zeros_like(self.loc)
         for layer in self.layers:
             x = layer(x)
-        return self.loc + x
+        return self.loc + self._scaled(x, first=False)

@@ -65,6 +65,14 @@ class AutoFlowGuide(AutoContinuous):
     and ``scale`` at ``init_scale``; every flow layer starts at (or next to) the identity, so before
     any step ``median()`` returns the init values.
 
+    With ``base_covariance="full"`` the posterior is ``z = loc + scale ⊙ f_K ∘ … ∘ f_1(U ε)``:
+    Pyro's ``AutoMultivariateNormal`` (``U`` learnable unit lower triangular) with the layers
+    between ``U`` and ``scale``. They act on a unit-scale variable (``FlowDistribution`` with
+    ``standardised=True``), so layers that mix coordinates work alike whatever the posterior's
+    scales, and correlations need nothing from the layers. (Without ``U`` the standardised variable
+    ``ε`` is isotropic, and rotations of it would do nothing: the diagonal base keeps the layers on
+    ``scale ⊙ ε``.)
+
     With ``amortised=Amortised(plate, inputs, ...)`` the latents local to ``plate`` get a posterior
     per item, ``q(z_i | x_i)``, a flow whose parameters an encoder computes from the item's inputs
     (see :mod:`pyro_flowguides.amortisation`); the plate may subsample. With
@@ -77,6 +85,8 @@ class AutoFlowGuide(AutoContinuous):
     :param num_flows: how many layers of ``flow`` when it is a single name or a callable.
     :param init_loc_fn: per-site initialisation, as in Pyro's autoguides.
     :param init_scale: initial scale of the base distribution (unconstrained space).
+    :param base_covariance: ``"diagonal"`` or ``"full"`` (learnable ``U``: ``D(D-1)/2`` parameters
+        and O(D²) per draw).
     :param amortised: amortise the latents local to a plate (:class:`~pyro_flowguides.Amortised`).
     :param summary: condition the global latents on a data-set summary
         (:class:`~pyro_flowguides.DataSummary`).
@@ -85,6 +95,7 @@ class AutoFlowGuide(AutoContinuous):
     :param flow_options: passed to every layer, e.g. ``num_ortho_vecs=8``, ``hidden_dims=[64]``.
 
     >>> import pyro, pyro.distributions as dist, torch
+    >>> pyro.clear_param_store()
     >>> def model():
     ...     pyro.sample("x", dist.Normal(0.0, 1.0))
     >>> guide = AutoFlowGuide(model, flow="planar", num_flows=2)
@@ -102,6 +113,7 @@ class AutoFlowGuide(AutoContinuous):
         *,
         init_loc_fn: Callable = init_to_median_or_feasible,
         init_scale: float = 0.1,
+        base_covariance: str = "diagonal",
         amortised: Amortised | None = None,
         summary: DataSummary | None = None,
         create_plates: Callable | None = None,
@@ -114,6 +126,13 @@ class AutoFlowGuide(AutoContinuous):
             raise ValueError(f"unknown flow layer {flow!r}; available: {', '.join(flows.available())}")
         if isinstance(num_flows, bool) or not isinstance(num_flows, int) or num_flows < 1:
             raise ValueError(f"num_flows must be an integer >= 1, got {num_flows!r}")
+        if base_covariance not in ("diagonal", "full"):
+            raise ValueError(f"base_covariance must be 'diagonal' or 'full', got {base_covariance!r}")
+        if base_covariance == "full" and summary is not None:
+            raise ValueError(
+                "base_covariance='full' is for the guide's own global flow; with summary=DataSummary(...) "
+                "the global posterior comes from the summary network: leave base_covariance='diagonal'"
+            )
         if amortised is not None and not isinstance(amortised, Amortised):
             raise TypeError(f"amortised must be an Amortised(...) specification, got {amortised!r}")
         if summary is not None and not isinstance(summary, DataSummary):
@@ -122,6 +141,7 @@ class AutoFlowGuide(AutoContinuous):
         self._num_flows = num_flows if isinstance(flow, str) or callable(flow) else 1
         self._flow_options = flow_options
         self._init_scale = init_scale
+        self._base_covariance = base_covariance
         self._amortised = amortised
         self._summary = summary
         self._local_sites: dict[str, tuple[dict, torch.Size]] = {}
@@ -145,6 +165,11 @@ class AutoFlowGuide(AutoContinuous):
             self.scale = PyroParam(
                 torch.full_like(init_loc, self._init_scale), constraint=self.scale_constraint
             )
+            if self._base_covariance == "full":
+                self.shear = PyroParam(
+                    torch.eye(init_loc.shape[-1], dtype=init_loc.dtype, device=init_loc.device),
+                    constraint=constraints.unit_lower_cholesky,
+                )
             layers = flows.stack(self._flow_spec, self.latent_dim, self._num_flows, **self._flow_options)
             self.flow = layers.to(device=init_loc.device, dtype=init_loc.dtype)
         else:
@@ -328,6 +353,9 @@ class AutoFlowGuide(AutoContinuous):
             pos += size
 
     def get_base_dist(self) -> dist.Distribution:
+        """The Gaussian that the guide is with identity layers."""
+        if self._base_covariance == "full":
+            return dist.MultivariateNormal(self.loc, scale_tril=self.scale.unsqueeze(-1) * self.shear)
         return dist.Normal(self.loc, self.scale).to_event(1)
 
     def get_posterior(self, *args, **kwargs) -> FlowDistribution:
@@ -335,7 +363,10 @@ class AutoFlowGuide(AutoContinuous):
         if self._summary is not None:
             inputs = self._encoder_inputs(self._summary, *args, **kwargs)
             return self._registered("global_posterior")(inputs)
-        return FlowDistribution(self.loc, self.scale, self._registered("flow"))
+        shear = self.shear if self._base_covariance == "full" else None
+        return FlowDistribution(
+            self.loc, self.scale, self._registered("flow"), shear=shear, standardised=shear is not None
+        )
 
     def local_posterior_for(self, *args, **kwargs) -> FlowDistribution:
         """The amortised posterior of every item's packed unconstrained local latents, batch shape

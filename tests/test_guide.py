@@ -145,6 +145,34 @@ def test_median_quantiles_posterior_and_sample_latent():
         guide.quantiles([1.5])
 
 
+def test_full_base_covariance_is_a_multivariate_normal_with_the_flow_inside():
+    """``loc + scale ⊙ f(U ε)``: median at the init values; ``log_prob`` inverts the layers, ``U``
+    and ``scale`` (checked against sampling's own log-density at trained, non-trivial values); with
+    the layers removed it is ``MultivariateNormal(loc, diag(scale) U)``."""
+    init = {"mu": torch.tensor(0.7), "sigma": torch.tensor(2.5)}
+    guide = AutoFlowGuide(
+        regression, flow="iaf", num_flows=2, base_covariance="full", init_loc_fn=init_to_value(values=init)
+    )
+    for name, value in guide.median().items():
+        torch.testing.assert_close(value, init[name], atol=1e-6, rtol=0)
+    fit(regression, guide, steps=100, lr=0.05)
+    shear = guide.shear.detach()
+    assert shear[1, 0].abs() > 1e-3 and torch.equal(shear.diagonal(), torch.ones(2))
+    posterior = guide.get_posterior()
+    z = posterior.rsample((20,))
+    torch.testing.assert_close(posterior.log_prob(z.clone()), posterior.log_prob(z), atol=1e-5, rtol=1e-5)
+    assert guide.median()["mu"] != init["mu"]
+    gaussian = type(posterior)(guide.loc, guide.scale, [], shear=guide.shear, standardised=True)
+    torch.testing.assert_close(gaussian.log_prob(z), guide.get_base_dist().log_prob(z), atol=1e-5, rtol=1e-5)
+
+
+def test_full_base_covariance_is_refused_with_a_data_set_summary():
+    from pyro_flowguides import DataSummary
+
+    with pytest.raises(ValueError, match="base_covariance='full' is for the guide's own global flow"):
+        AutoFlowGuide(regression, base_covariance="full", summary=DataSummary(inputs=lambda data: data))
+
+
 @pytest.mark.parametrize(
     "loss",
     [
@@ -290,6 +318,7 @@ def test_discrete_latent_gets_a_hint():
         ({"flow": "plannar"}, "unknown flow layer 'plannar'"),
         ({"flow": "planar", "num_flows": 0}, "num_flows must be an integer >= 1"),
         ({"flow": "planar", "init_scale": -1.0}, "init_scale must be a positive number"),
+        ({"base_covariance": "dense"}, "base_covariance must be 'diagonal' or 'full'"),
     ],
 )
 def test_bad_options(kwargs, message):
