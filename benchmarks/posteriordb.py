@@ -40,6 +40,7 @@ is one configuration for the whole table: the one with the lowest mean rank of `
 all guides over the posteriors. Goal: it beats every Pyro guide on at least 5 of the 7 posteriors,
 with k-hat below 0.7 on at least 5 of 7. With 4000 draws the errors of two guides that both fit a
 posterior well differ by Monte Carlo noise of a few hundredths: such wins are coin flips.
+``--seeds 0 1 2`` repeats every fit with each seed and compares medians over the seeds instead.
 
     python benchmarks/posteriordb.py                       # the full table (about 40 minutes)
     python benchmarks/posteriordb.py --quick --out /tmp/q  # 4 hard posteriors, 7 guides
@@ -179,6 +180,27 @@ def evaluate(model, guide, data, reference: dict[str, np.ndarray], num_draws: in
     return out
 
 
+def over_seeds(rows: list[dict]) -> list[dict]:
+    """One row per (posterior, guide): the median of each metric over the seeds (a failed seed counts
+    as infinite), with the per-seed ``error`` beside it. Failed on half the seeds or more: failed."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["posterior"], r["guide"]), []).append(r)
+    merged = []
+    for (posterior, guide), runs in groups.items():
+        row = {"posterior": posterior, "guide": guide, "seed_errors": [error(r) for r in runs]}
+        failed = [r for r in runs if "error" in r]
+        if 2 * len(failed) >= len(runs):
+            row["error"] = failed[0]["error"] + (
+                f" ({len(failed)} of {len(runs)} seeds)" if len(runs) > 1 else ""
+            )
+        else:
+            for key in ("max_std_mean_error", "max_abs_log_sd_ratio", "k_hat", "fit_seconds"):
+                row[key] = statistics.median(r.get(key, math.inf) for r in runs)
+        merged.append(row)
+    return merged
+
+
 def error(row: dict) -> float:
     """The combined error ``max std. mean error + max |log sd ratio|`` (infinite for a failed fit)."""
     if "error" in row:
@@ -255,31 +277,43 @@ def fmt(value: float, digits: int) -> str:
 
 def result_row(r: dict) -> str:
     head = f"| {r['posterior']} | {r['guide']} |"
+    seeds = " | " + ", ".join(fmt(e, 2) for e in r["seed_errors"]) if len(r["seed_errors"]) > 1 else ""
     if "error" in r:
-        return f"{head} failed: {r['error']} | | inf | | |"
+        return f"{head} failed: {r['error']} | | inf{seeds} | | |"
     return (
-        f"{head} {r['max_std_mean_error']:.3f} | {r['max_abs_log_sd_ratio']:.3f} | {error(r):.3f} | "
+        f"{head} {r['max_std_mean_error']:.3f} | {r['max_abs_log_sd_ratio']:.3f} | {error(r):.3f}{seeds} | "
         f"{r['k_hat']:.2f} | {r['fit_seconds']:.1f} |"
     )
 
 
 def markdown(results: list[dict], summary: dict, settings: dict) -> str:
     n = len(summary["posteriors"])
+    seeds = settings["seeds"]
+    several = len(seeds) > 1
+    seed_note = (
+        f"seeds {', '.join(map(str, seeds))}: each metric is the median over the seeds, the error per "
+        "seed is listed beside it"
+        if several
+        else f"seed {seeds[0]}"
+    )
     lines = [
         "# Guide accuracy on posteriordb posteriors",
         "",
         "Same budget for every guide: {steps} steps of {particles} vectorised particles; ClippedAdam (clip "
         "norm {clip_norm}), lr warmed up linearly over {warmup} steps to {lr}, then decaying exponentially "
-        "to {lr_final}; init scale {init_scale} where a guide has one; seed {seed}. {draws} draws per guide "
-        "to evaluate; float64, 1 thread, ".format(**settings)
+        "to {lr_final}; init scale {init_scale} where a guide has one; ".format(**settings)
+        + seed_note
+        + ". {draws} draws per guide to evaluate; float64, 1 thread, ".format(**settings)
         + f"{settings['minutes']:.0f} minutes in all "
         f"({settings['machine']}). error = max std. mean error + max abs log sd ratio; definitions in the "
         "docstring of `benchmarks/posteriordb.py`.",
         "",
         f"    {settings['command']}",
         "",
-        "| posterior | guide | max std. mean error | max abs log sd ratio | error | k-hat | fit s |",
-        "|---|---|---|---|---|---|---|",
+        "| posterior | guide | max std. mean error | max abs log sd ratio | error | "
+        + ("error per seed | " if several else "")
+        + "k-hat | fit s |",
+        "|---|---|---|---|---|---|---|" + ("---|" if several else ""),
         *map(result_row, results),
         "",
         "## AutoFlowGuide configurations against the Pyro guides",
@@ -330,7 +364,9 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help=f"only {', '.join(QUICK_POSTERIORS)}; Pyro's guides, AutoFlowGuide({', '.join(QUICK_FLOWS)})",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds: each fit is repeated; metrics are medians"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if not args.data.is_dir():
@@ -351,29 +387,31 @@ def main(argv: list[str] | None = None) -> None:
     for folder in folders:
         model, data, reference = posteriordb_models.load(folder)
         for guide_name, make_guide in guides.items():
-            pyro.clear_param_store()
-            pyro.set_rng_seed(args.seed)
-            row = {"posterior": folder.name, "guide": guide_name}
-            try:
-                guide = make_guide(model)
-                row.update(fit(model, guide, data, args))
-                row.update(evaluate(model, guide, data, reference, args.draws))
-            except Exception as exc:  # a guide that cannot fit a posterior is a result, not a crash
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            for seed in args.seeds:
+                pyro.clear_param_store()
+                pyro.set_rng_seed(seed)
+                row = {"posterior": folder.name, "guide": guide_name, "seed": seed}
+                try:
+                    guide = make_guide(model)
+                    row.update(fit(model, guide, data, args))
+                    row.update(evaluate(model, guide, data, reference, args.draws))
+                except Exception as exc:  # a guide that cannot fit a posterior is a result, not a crash
+                    row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                results.append(row)
+                print(json.dumps(row), flush=True)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     settings["minutes"] = (time.perf_counter() - started) / 60
     settings["machine"] = f"{platform.machine()}, torch {torch.__version__}, pyro {pyro.__version__}"
     settings["command"] = "python benchmarks/posteriordb.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    summary = summarise(results)
+    merged = over_seeds(results)
+    summary = summarise(merged)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "posteriordb.json").write_text(
-        json.dumps({"settings": settings, "rows": results, "summary": summary}, indent=1)
+        json.dumps({"settings": settings, "rows": results, "medians": merged, "summary": summary}, indent=1)
     )
-    text = markdown(results, summary, settings)
+    text = markdown(merged, summary, settings)
     (args.out / "posteriordb.md").write_text(text)
     print(text)
 
