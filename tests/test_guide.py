@@ -166,6 +166,23 @@ def test_full_base_covariance_is_a_multivariate_normal_with_the_flow_inside():
     torch.testing.assert_close(gaussian.log_prob(z), guide.get_base_dist().log_prob(z), atol=1e-5, rtol=1e-5)
 
 
+def test_the_default_is_the_measured_best_stack_on_a_full_base_and_a_named_flow_keeps_a_diagonal_one():
+    """No ``flow``: ``DEFAULT_FLOW`` (LU, IAF, LU, IAF) with ``U``; a named flow: 4 layers, no ``U``;
+    ``num_flows`` without a flow to repeat is refused."""
+    from pyro_flowguides.guide import DEFAULT_FLOW
+
+    default = AutoFlowGuide(regression)
+    default()
+    assert [type(layer).__name__ for layer in default.flow] == ["LULinear", "IAF", "LULinear", "IAF"]
+    assert DEFAULT_FLOW == ("lu_linear", "iaf", "lu_linear", "iaf")
+    assert default.shear.shape == (2, 2)
+    named = AutoFlowGuide(regression, flow="iaf")
+    named()
+    assert [type(layer).__name__ for layer in named.flow].count("IAF") == 4 and not hasattr(named, "shear")
+    with pytest.raises(ValueError, match="num_flows=2 needs a flow to repeat"):
+        AutoFlowGuide(regression, num_flows=2)
+
+
 def test_full_base_covariance_is_refused_with_a_data_set_summary():
     from pyro_flowguides import DataSummary
 
@@ -185,8 +202,11 @@ def test_full_base_covariance_is_refused_with_a_data_set_summary():
     ],
     ids=["trace", "tracegraph", "renyi", "jit", "vectorized", "jit-vectorized"],
 )
-def test_elbos(loss):
-    guide = AutoFlowGuide(regression, flow="orthogonal_sylvester", num_flows=2)
+@pytest.mark.parametrize(
+    "flow", [{"flow": "orthogonal_sylvester", "num_flows": 2}, {}], ids=["o-snf", "default"]
+)
+def test_elbos(loss, flow):
+    guide = AutoFlowGuide(regression, **flow)
     losses = fit(regression, guide, steps=30, loss=loss)
     assert losses[-1] < losses[0] + 5
 
