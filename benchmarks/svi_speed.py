@@ -3,7 +3,8 @@
 A Bayesian logistic regression with latent dimension D in {10, 100, 1000} (N = 200 data points),
 one thread, Trace_ELBO with one particle; all guides timed side by side in one run, the same
 number of steps each, after warm-up. Ratios are printed against AutoNormal and against Pyro's
-AutoNormalizingFlow with the same flow (planar x 8).
+AutoNormalizingFlow with the same flow (planar x 8). AutoFlowGuide's default (a full-rank base,
+like AutoMultivariateNormal: O(D²) per step) is timed beside AutoMultivariateNormal.
 
     python benchmarks/svi_speed.py --out benchmarks/results
 """
@@ -21,7 +22,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import planar
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import AutoIAFNormal, AutoNormal, AutoNormalizingFlow
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal, AutoNormalizingFlow
 
 from pyro_flowguides import AutoFlowGuide
 
@@ -37,6 +38,7 @@ def logistic_regression(x, y):
 def guides(num_flows: int) -> dict:
     return {
         "AutoNormal": AutoNormal,
+        "AutoMultivariateNormal": AutoMultivariateNormal,
         f"AutoNormalizingFlow(planar x{num_flows})": lambda m: AutoNormalizingFlow(
             m, partial(_pyro_planar_module, num_flows)
         ),
@@ -47,6 +49,7 @@ def guides(num_flows: int) -> dict:
             AutoFlowGuide, flow="orthogonal_sylvester", num_flows=4
         ),
         "AutoFlowGuide(affine_coupling x4)": partial(AutoFlowGuide, flow="affine_coupling", num_flows=4),
+        "AutoFlowGuide(default: lu_linear+iaf+lu_linear+iaf, full-rank base)": AutoFlowGuide,
     }
 
 
