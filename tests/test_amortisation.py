@@ -153,6 +153,19 @@ def mixed_guide():
     return AutoFlowGuide(mixed_model, flow="planar", amortised=Amortised(plate="data", inputs=lambda x: x))
 
 
+def test_defaults_with_global_and_local_latents():
+    """No flow named: the global latent gets the default stack on a full-rank base, the amortised
+    locals IAF x 4 (the global default's full base is for the guide's own parameters only)."""
+    x = torch.randn(64, 2)
+    guide = AutoFlowGuide(mixed_model, amortised=Amortised(plate="data", inputs=lambda x: x))
+    losses = train(mixed_model, guide, x, steps=20, lr=0.005)
+    assert all(math.isfinite(v) for v in losses)
+    assert [type(layer).__name__ for layer in guide.flow] == ["LULinear", "IAF", "LULinear", "IAF"]
+    assert guide.shear.shape == (1, 1)
+    local = [type(layer).__name__ for layer in guide.local_posterior.layers]
+    assert local.count("ConditionalIAF") == 4 and "ConditionalLULinear" not in local, local
+
+
 def test_global_and_several_constrained_local_sites_in_one_guide():
     x = torch.randn(64, 2)
     guide = mixed_guide()
