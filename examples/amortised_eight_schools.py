@@ -10,9 +10,15 @@ from its prior predictive, then asked for posteriors of new data sets in one for
   1.25)`` (schools are not exchangeable: each ``theta_tilde_j`` belongs to school ``j``), read by
   an MLP.
 - Bayesian linear regression with a varying design: ``beta ~ N(0, I_3)``, ``s ~ HalfNormal(1)``,
-  ``y_i ~ N(x_i · beta, s)`` for ``n = 20`` rows ``x_i = (1, u_i)``, ``u_i ~ N(0, I_2)``. The rows
-  are exchangeable: the default pooling encoder (Deep Sets, a mean over rows) reads each row
-  ``r_i = (u_i, y_i)`` with its products ``r_i r_iᵀ``, whose mean holds the sufficient statistics.
+  ``y_i ~ N(x_i · beta, s)`` for ``n = 20`` rows ``x_i = (1, u_i)``, ``u_i ~ N(0, I_2)``. The
+  summary is the least-squares fit, a fixed-size vector read by an MLP: ``beta_hat``, the log
+  residual sd and the design's second moments (``--regression-summary statistics``). The rows are
+  also exchangeable, so the default pooling encoder (Deep Sets, a mean over rows) can read each row
+  ``r_i = (u_i, y_i)`` with its products ``r_i r_iᵀ``, whose mean holds the same sufficient
+  statistics (``--regression-summary rows``); but the residual sum of squares is then a difference
+  of large learned terms, and for data sets with a small ``s`` the network does not resolve it:
+  ``s`` failed simulation-based calibration in every run that way (p < 1e-5, 95% intervals covering
+  92%), and passes with the least-squares summary (p 0.57, 94%).
 
 Training (see ``docs/amortisation_datasets.md``): the ELBO averaged over 128 fresh data sets per
 step, with the data sets whose loss lies far above the batch's 90% quantile down-weighted
@@ -92,9 +98,24 @@ def regression_rows(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.cat([r, (r.unsqueeze(-1) * r.unsqueeze(-2)).flatten(-2)], -1)
 
 
+def regression_statistics(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The least-squares fit: ``beta_hat``, ``log`` of the residual sd and the upper triangle of
+    ``XᵀX / n`` without its constant corner (the first column of ``x`` is ones): 9 numbers."""
+    n = x.shape[-2]
+    gram = x.mT @ x / n
+    beta_hat = torch.linalg.solve(gram, x.mT @ y.unsqueeze(-1) / n)
+    mean_square_residual = ((y.unsqueeze(-1) - x @ beta_hat) ** 2).mean(-2)
+    rows, cols = torch.triu_indices(x.shape[-1], x.shape[-1])
+    moments = gram[..., rows, cols][..., 1:]
+    tiny = torch.finfo(y.dtype).tiny  # an exact fit has no residual: keep the log finite
+    return torch.cat([beta_hat.squeeze(-1), 0.5 * torch.log(mean_square_residual + tiny), moments], -1)
+
+
+REGRESSION_SUMMARIES: dict[str, Callable] = {"statistics": regression_statistics, "rows": regression_rows}
+
 MODELS: dict[str, tuple[Callable, Callable, Callable]] = {
     "eight_schools": (eight_schools, schools_design, schools_summary),
-    "regression": (regression, regression_design, regression_rows),
+    "regression": (regression, regression_design, regression_statistics),
 }
 
 
@@ -167,7 +188,14 @@ def main() -> None:
     parser.add_argument("--fine-tune", type=int, default=0, help="steps of fine-tuning on the real data")
     parser.add_argument("--plot", default=None, help="save SBC rank histograms to this file")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--regression-summary",
+        choices=sorted(REGRESSION_SUMMARIES),
+        default="statistics",
+        help="the regression's summary: the least-squares fit (an MLP) or the rows (a pooling encoder)",
+    )
     args = parser.parse_args()
+    MODELS["regression"] = (regression, regression_design, REGRESSION_SUMMARIES[args.regression_summary])
 
     results = {}
     for name in MODELS:

@@ -396,6 +396,31 @@ def test_eight_schools_amortised_posterior_matches_the_reference(monkeypatch):
     assert min(c[0.95] for c in sbc.coverage().values()) > 0.88
 
 
+def test_the_regression_summary_is_the_least_squares_fit():
+    """``beta_hat`` is the least-squares solution, the residual sd is that of the residuals, and a
+    batch of data sets gives each its own summary."""
+    example = load_example()
+    x = example.regression_design(5)["x"].double()
+    beta = torch.randn(5, 3, dtype=torch.float64)
+    noise = 0.3 * torch.randn(5, 20, dtype=torch.float64)
+    y = (x * beta.unsqueeze(-2)).sum(-1) + noise
+    summary = example.regression_statistics(x, y)
+    assert summary.shape == (5, 9)
+    expected = torch.linalg.lstsq(x, y.unsqueeze(-1)).solution.squeeze(-1)
+    torch.testing.assert_close(summary[:, :3], expected)
+    residual = y - (x * expected.unsqueeze(-2)).sum(-1)
+    torch.testing.assert_close(summary[:, 3], residual.pow(2).mean(-1).sqrt().log())
+    torch.testing.assert_close(
+        summary[:, 4:],
+        torch.stack(
+            [(x[..., 0] * x[..., j]).mean(-1) for j in (1, 2)]
+            + [(x[..., i] * x[..., j]).mean(-1) for i, j in ((1, 1), (1, 2), (2, 2))],
+            -1,
+        ),
+    )
+    torch.testing.assert_close(example.regression_statistics(x[2], y[2]), summary[2])
+
+
 @pytest.mark.slow
 def test_regression_with_varying_design_is_calibrated():
     torch.set_num_threads(1)
@@ -404,8 +429,10 @@ def test_regression_with_varying_design_is_calibrated():
     example.train("regression", guide)
     sbc = example.calibrate("regression", guide)
     print(sbc)
-    # measured with the previous recipe: beta[0], beta[1] pass the 1% test, beta[2] and s do not;
-    # with ForwardKL (a shortened run) the three beta pass and s does not
+    # with the rows and a pooling encoder s failed in every run (p < 1e-5); with the least-squares
+    # summary every parameter passed: p 0.13-0.80, 95% coverage 0.938-0.946 (the benchmark's SBC
+    # data sets); p 0.019-0.93, 0.942-0.952 here
     coverage = sbc.coverage()
-    assert min(c[0.95] for c in coverage.values()) > 0.88
-    assert max(abs(c[0.5] - 0.5) for c in coverage.values()) < 0.07
+    assert all(sbc.passed().values()), sbc.p_values()
+    assert min(c[0.95] for c in coverage.values()) > 0.9
+    assert max(abs(c[0.5] - 0.5) for c in coverage.values()) < 0.05
