@@ -20,6 +20,7 @@ with any guide and any Pyro ELBO.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -50,6 +51,7 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from .draws import max_plate_nesting
 
 __all__ = [
     "FitHistory",
@@ -752,13 +754,21 @@ class _Trainer:
     def _nonfinite_sites(self, args: tuple, kwargs: dict, rng: Mapping) -> list[str]:
         """Replays the failed step's draw (the same generator state) and lists the sample sites
         whose value or log-density is not finite."""
+        from .datasets import DatasetBatch, _datasets_at_once  # datasets imports this module
+
         after = get_rng_state()
-        set_rng_state(rng)
         found = []
         try:
-            with torch.no_grad(), poutine.block(), pyro.validation_enabled(False):
-                guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
-                replayed = poutine.replay(self.model, trace=guide_trace)
+            runs: contextlib.AbstractContextManager = contextlib.nullcontext((self.model, self.guide))
+            if len(args) == 1 and not kwargs and isinstance(args[0], DatasetBatch):
+                batch = args[0]  # a loss over data sets: replay them all at once, as it ran them
+                nesting = max_plate_nesting(self.model, self.guide, **batch[0])
+                runs = _datasets_at_once(self.model, self.guide, batch, nesting)
+                args, kwargs = (), batch.kwargs()
+            set_rng_state(rng)
+            with torch.no_grad(), poutine.block(), pyro.validation_enabled(False), runs as (model, guide):
+                guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+                replayed = poutine.replay(model, trace=guide_trace)
                 model_trace = poutine.trace(replayed).get_trace(*args, **kwargs)
                 for role, trace in (("guide", guide_trace), ("model", model_trace)):
                     for name, site in trace.nodes.items():

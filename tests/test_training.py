@@ -12,6 +12,8 @@ from pyro.infer import Trace_ELBO
 from pyro.infer.autoguide import AutoNormal
 from torch.utils.data import DataLoader, TensorDataset
 
+from pyro_flowguides import DataSummary
+from pyro_flowguides.datasets import DatasetELBO, DatasetLoader
 from pyro_flowguides.guide import AutoFlowGuide
 from pyro_flowguides.training import (
     ModelStructureError,
@@ -473,3 +475,20 @@ def test_nonfinite_loss_error_survives_pickling():
     copy = pickle.loads(pickle.dumps(error))
     assert type(copy) is NonFiniteLossError and str(copy) == "step 3 is not finite"
     assert (copy.step, copy.params, copy.sites) == (3, ["AutoFlowGuide.loc"], ["model site 'x': nan"])
+
+
+@pytest.mark.filterwarnings("ignore:Encountered")
+def test_nonfinite_step_over_data_sets_names_the_site():
+    """With a loss over data sets, the failed step's sites are replayed for all data sets at once."""
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        scale = torch.where(y.abs() > 100, torch.tensor(math.inf), torch.tensor(1.0))
+        with pyro.plate("obs", y.shape[-1]):
+            pyro.sample("y", dist.Normal(mu.unsqueeze(-1), scale), obs=y)
+
+    guide = AutoFlowGuide(model, flow="planar", num_flows=1, summary=DataSummary(inputs=lambda y: y))
+    data = DatasetLoader([{"y": torch.tensor([0.5, 0.2])}, {"y": torch.tensor([1000.0, 0.0])}], 2)
+    named = r"step 1 is not finite: the loss is nan; model site 'y' has a non-finite log-density"
+    with pytest.raises(NonFiniteLossError, match=named):
+        fit(model, guide, data=data, epochs=1, loss=DatasetELBO(), progress=False)
