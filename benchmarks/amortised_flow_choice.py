@@ -26,24 +26,12 @@ import numpy as np
 import posteriordb_models
 import pyro
 import torch
-from amortised_speed import POSTERIOR, load_example
+from amortised_speed import POSTERIOR, load_example, signed_errors
 
-from pyro_flowguides import AutoFlowGuide, DataSummary
 from pyro_flowguides.diagnostics import diagnose
 from pyro_flowguides.draws import draw_posterior
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def signed_errors(draws: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, list[float]]:
-    """``name -> [(E_q - E_ref) / sd_ref, (sd_q - sd_ref) / sd_ref]``."""
-    return {
-        n: [
-            float((draws[n].mean() - ref.mean()) / ref.std()),
-            float((draws[n].std() - ref.std()) / ref.std()),
-        ]
-        for n, ref in reference.items()
-    }
 
 
 def worst(signed: dict[str, list[float]]) -> tuple[float, float]:
@@ -60,13 +48,7 @@ def train_and_draw(args: argparse.Namespace, seed: int) -> dict:
     options = {"hidden_dims": args.hidden_dims} if args.hidden_dims else {}
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = AutoFlowGuide(
-        example.eight_schools,
-        flow=flow,
-        num_flows=num_flows,
-        summary=DataSummary(inputs=example.schools_summary, hidden_dims=[128, 128]),
-        **options,
-    )
+    guide = example.amortised_guide("eight_schools", flow, num_flows, **options)
     start = time.perf_counter()
     example.train("eight_schools", guide, args.elbo_steps, args.forward_kl_steps)
     seconds = time.perf_counter() - start

@@ -70,10 +70,21 @@ def timed(fn: Callable, repeats: int = 1):
     return result, statistics.median(seconds)
 
 
+def signed_errors(draws: dict[str, np.ndarray], reference: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """``name -> [(E_q - E_ref) / sd_ref, (sd_q - sd_ref) / sd_ref]`` for flattened draws."""
+    return {
+        n: [
+            float((draws[n].mean() - ref.mean()) / ref.std()),
+            float((draws[n].std() - ref.std()) / ref.std()),
+        ]
+        for n, ref in reference.items()
+    }
+
+
 def errors(draws: dict[str, torch.Tensor], reference: dict[str, np.ndarray]) -> dict[str, float]:
-    picked = posteriordb_models.flatten_draws(draws, list(reference))
-    mean_error = {n: abs(picked[n].mean() - ref.mean()) / ref.std() for n, ref in reference.items()}
-    sd_error = {n: abs(picked[n].std() - ref.std()) / ref.std() for n, ref in reference.items()}
+    signed = signed_errors(posteriordb_models.flatten_draws(draws, list(reference)), reference)
+    mean_error = {n: abs(mean) for n, (mean, _) in signed.items()}
+    sd_error = {n: abs(sd) for n, (_, sd) in signed.items()}
     return {
         "max_std_mean_error": float(max(mean_error.values())),
         "max_std_sd_error": float(max(sd_error.values())),

@@ -119,11 +119,12 @@ MODELS: dict[str, tuple[Callable, Callable, Callable]] = {
 }
 
 
-def amortised_guide(name: str, flow: str = "neural_spline", num_flows: int = 4) -> AutoFlowGuide:
+def amortised_guide(
+    name: str, flow: str | list[str] = "neural_spline", num_flows: int = 4, **flow_options: object
+) -> AutoFlowGuide:
     model, _, inputs = MODELS[name]
-    return AutoFlowGuide(
-        model, flow=flow, num_flows=num_flows, summary=DataSummary(inputs=inputs, hidden_dims=[128, 128])
-    )
+    summary = DataSummary(inputs=inputs, hidden_dims=[128, 128])
+    return AutoFlowGuide(model, flow=flow, num_flows=num_flows, summary=summary, **flow_options)
 
 
 def train(
