@@ -390,8 +390,15 @@ class AutoFlowGuide(AutoContinuous):
             inputs = self._encoder_inputs(self._summary, *args, **kwargs)
             return self._registered("global_posterior")(inputs)
         shear = self.shear if self._base_covariance == "full" else None
+        # loc, scale and shear are PyroParams held in their supports by their constraints; checking
+        # them every step costs more than a flow layer (a NaN still reaches the loss, and fit()).
         return FlowDistribution(
-            self.loc, self.scale, self._registered("flow"), shear=shear, standardised=shear is not None
+            self.loc,
+            self.scale,
+            self._registered("flow"),
+            shear=shear,
+            standardised=shear is not None,
+            validate_args=False,
         )
 
     def local_posterior_for(self, *args, **kwargs) -> FlowDistribution:

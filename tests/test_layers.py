@@ -306,6 +306,27 @@ def test_conditional_fused_stack(name):
     torch.testing.assert_close(t.inv(y.clone()), x, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", FUSABLE)
+def test_conditional_fused_stack_with_sample_dimensions(name):
+    """Draws ``(S, N, D)`` over a context batch ``(N, C)``: each draw's log-det is its own row's."""
+    torch.manual_seed(0)
+    (stack,) = flows.stack(name, DIM, 3, context_dim=CONTEXT).double()
+    with torch.no_grad():
+        for p in stack.parameters():
+            p.normal_()
+    context = torch.randn(N, CONTEXT, dtype=torch.float64)
+    x = torch.stack([inputs(torch.float64, seed=s) for s in range(2)])
+    t = stack.condition(context)
+    y = t(x)
+    log_det = t.log_abs_det_jacobian(x, y)
+    assert log_det.shape == (2, N)
+    for s in range(2):
+        one = stack.condition(context)
+        y_s = one(x[s])
+        torch.testing.assert_close(y_s, y[s])
+        torch.testing.assert_close(one.log_abs_det_jacobian(x[s], y_s), log_det[s])
+
+
 @pytest.mark.parametrize(("name", "conditional"), CASES)
 def test_one_dimensional_input(name, conditional):
     """A model with a single latent gets a working layer of every family."""

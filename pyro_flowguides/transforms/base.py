@@ -166,6 +166,7 @@ class FlowTransform(Transform, metaclass=ABCMeta):
         state["given_constrained"] = None
         if "_raw_slices" in state:
             state["_raw_slices"] = None
+            state["_constrained_stack"] = None
         state["_cached_x_y"] = None, None
         return state
 

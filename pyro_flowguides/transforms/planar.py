@@ -46,16 +46,27 @@ class PlanarTransform(FlowTransform):
         one_plus_wu_hat = F.softplus(wu + scalar(_SOFTPLUS_INV_ONE, wu.dtype))
         wu_hat = one_plus_wu_hat - scalar(1.0, wu.dtype)
         w_sq = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).tiny)
-        u_hat = u + (wu_hat - wu) * w / w_sq
+        u_hat = u + w * ((wu_hat - wu) / w_sq)
         return u_hat, w, b, wu_hat, one_plus_wu_hat
 
-    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        u_hat, w, b, wu_hat, one_plus_wu_hat = self.constrained()
+    def forward_and_log_det_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``y`` and ``tanh(wᵀx + b)`` (shape ``(..., 1)``), from which :meth:`log_det_terms` gives the
+        log-det; a stack runs its layers first and computes all their log-dets in one call."""
+        u_hat, w, b, _, _ = self.constrained()
         act = torch.tanh(torch.linalg.vecdot(x, w).unsqueeze(-1) + b)
-        y = x + u_hat * act
+        return x + u_hat * act, act
+
+    @staticmethod
+    def log_det_terms(constrained: tuple[Tensor, ...], act: Tensor) -> Tensor:
+        """``log(1 + ûᵀw (1 - act²))`` elementwise: one layer's ``act`` ``(..., 1)`` with its
+        parameters, or a stack's ``(..., K, 1)`` with its stacked parameters."""
+        _, _, _, wu_hat, one_plus_wu_hat = constrained
         # 1 + ûᵀw (1 - tanh²) = (1 + ûᵀw) - ûᵀw tanh²
-        log_det = torch.log(one_plus_wu_hat - wu_hat * act.square())
-        return y, log_det.squeeze(-1)
+        return torch.log(one_plus_wu_hat - wu_hat * act.square())
+
+    def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        y, act = self.forward_and_log_det_input(x)
+        return y, self.log_det_terms(self.constrained(), act).squeeze(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
         u_hat, w, b, wu_hat, _ = self.constrained()

@@ -17,8 +17,10 @@ class StackedTransform(FlowTransform):
     Every raw parameter of shape ``s`` is stored once with shape ``(K, *s)`` (for conditional
     layers ``batch + (K, *s)``), so an optimiser sees a handful of tensors instead of ``K`` times
     as many; families with a ``constrain`` classmethod have it computed once for all ``K`` layers
-    per call; and a conditioner can emit all layers' parameters at once (the amortised Sylvester
-    flows of van den Berg et al. 2018, Section 4). ``log|det J| = Σ_k log|det J_k|``. For families
+    per call; families that also define ``forward_and_log_det_input`` and ``log_det_terms`` (planar)
+    have all ``K`` log-dets computed in one vectorised call after the layers have run; and a
+    conditioner can emit all layers' parameters at once (the amortised Sylvester flows of van den
+    Berg et al. 2018, Section 4). ``log|det J| = Σ_k log|det J_k|``. For families
     that need permutations (triangular Sylvester), coordinates are reversed between layers and
     once more at the end when the number of reversals is odd, so the stack keeps their order.
 
@@ -58,7 +60,9 @@ class StackedTransform(FlowTransform):
         self.layers = [layer(partial(self._layer_params, k), dim, **options) for k in range(num_layers)]
         self._reverses = layer.needs_permutation
         self._constrain_once = hasattr(layer, "constrain")
+        self._log_dets_at_end = self._constrain_once and hasattr(layer, "log_det_terms")
         self._raw_slices: list[dict[str, Tensor]] | None = None
+        self._constrained_stack: tuple[Tensor, ...] | None = None
 
     def _layer_params(self, k: int) -> dict[str, Tensor]:
         if self._raw_slices is None:  # a layer used on its own, outside forward/inverse
@@ -73,7 +77,8 @@ class StackedTransform(FlowTransform):
         name, rank = next(iter(self._ranks.items()))
         layer_dim = raw[name].dim() - rank - 1  # after any batch (context) dimensions
         if self._constrain_once:
-            slices = [c.unbind(layer_dim) for c in self.layers[0].constrain(raw)]
+            self._constrained_stack = self.layers[0].constrain(raw)
+            slices = [c.unbind(layer_dim) for c in self._constrained_stack]
             for layer, given in zip(self.layers, zip(*slices, strict=True), strict=True):
                 layer.given_constrained = given
         else:
@@ -89,6 +94,8 @@ class StackedTransform(FlowTransform):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._hand_out_params()
+        if self._log_dets_at_end:
+            return self._forward_then_log_dets(x)
         log_dets = []
         for layer, reverse in zip(self.layers, self._reversals(), strict=False):
             x, layer_log_det = layer.forward_and_log_det(x)
@@ -97,6 +104,19 @@ class StackedTransform(FlowTransform):
                 x = x.flip(-1)
         log_det = torch.stack(torch.broadcast_tensors(*log_dets)).sum(0)  # one sum, not K - 1 adds
         return x, log_det.expand(x.shape[:-1])
+
+    def _forward_then_log_dets(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The layers keep what their log-dets need (``(..., m)`` each); the ``K`` log-dets are then
+        one vectorised call on those stacked to ``(..., K, m)``, where per-layer log-dets would
+        cost the autograd graph a handful of nodes per layer."""
+        det_inputs = []
+        for layer, reverse in zip(self.layers, self._reversals(), strict=False):
+            x, det_input = layer.forward_and_log_det_input(x)
+            det_inputs.append(det_input)
+            if reverse:
+                x = x.flip(-1)
+        terms = self.layers[0].log_det_terms(self._constrained_stack, torch.stack(det_inputs, -2))
+        return x, terms.sum((-2, -1))  # the layers broadcast x against their parameters already
 
     def inverse_map(self, y: Tensor) -> Tensor:
         self._hand_out_params()
