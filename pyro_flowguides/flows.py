@@ -80,6 +80,42 @@ def parameters_from_context(name: str) -> bool:
     return isinstance(conditional, type) and issubclass(conditional, ConditionalFlowModule)
 
 
+def _make_each(
+    names: list[str], dim: int, context_dim: int | None, options: dict[str, object]
+) -> list[Layer]:
+    """The layers of a list of names, each given the options its family takes, so that
+    ``["lu_linear", "iaf"]`` takes the IAF's ``hidden_dims``; an option that no family in the list
+    takes is an error."""
+    takes = {name: _option_names(_classes(name)[context_dim is not None]) for name in dict.fromkeys(names)}
+    if all(t is not None for t in takes.values()):
+        unknown = sorted(set(options).difference(*takes.values()))
+        if unknown:
+            they_take = "; ".join(f"{name}: {', '.join(sorted(t)) or 'none'}" for name, t in takes.items())
+            raise ValueError(
+                f"flow {names}: unknown option(s) {', '.join(unknown)}; options the layers take: {they_take}"
+            )
+    return [
+        make(
+            name,
+            dim,
+            context_dim=context_dim,
+            **{k: v for k, v in options.items() if takes[name] is None or k in takes[name]},
+        )
+        for name in names
+    ]
+
+
+def _option_names(factory: Callable[..., Layer]) -> set[str] | None:
+    """The options a layer class takes; None for a registered layer that does not declare them."""
+    declared = getattr(getattr(factory, "transform", None), "option_defaults", None)
+    if declared is None:
+        return None
+    names = set(declared)
+    if isinstance(factory, type) and issubclass(factory, ConditionalFlowModule):
+        names.add("hidden_dims")  # the widths of the network from the context to the parameters
+    return names
+
+
 def _classes(name: str) -> tuple[Callable[..., TransformModule], Callable[..., ConditionalTransformModule]]:
     if name in _USER_LAYERS:
         unconditional, conditional = _USER_LAYERS[name]
@@ -141,8 +177,10 @@ def stack(
             raise ValueError("num_flows applies to a single flow name; a list of names is used as given")
     if names is None:
         layers = [flow(dim) for _ in range(num_flows)]
-    else:
+    elif isinstance(flow, str):
         layers = [make(name, dim, context_dim=context_dim, **options) for name in names]
+    else:
+        layers = _make_each(names, dim, context_dim, options)
     out: list[nn.Module] = []
     for layer in layers:
         if (

@@ -403,3 +403,12 @@ def test_layer_options_pass_through():
     assert stack.layer.options["num_ortho_vecs"] == 1
     with pytest.raises(ValueError, match="num_ortho_vecs=3 is larger than the dimension 2"):
         AutoFlowGuide(regression, flow="orthogonal_sylvester", num_ortho_vecs=3)()
+
+
+def test_the_default_stack_takes_its_iaf_layers_options():
+    guide = AutoFlowGuide(regression, hidden_dims=[16], max_log_scale=1.0)
+    guide()
+    iafs = [layer for layer in guide.flow if type(layer).__name__ == "IAF"]
+    options = [layer.layer.options for layer in iafs]
+    assert [(o["hidden_dims"], o["max_log_scale"]) for o in options] == [([16], 1.0)] * 2
+    fit(regression, guide, steps=5)

@@ -243,6 +243,23 @@ def test_options_out_of_range_and_unknown():
         flows.stack("planar", 5, num_flows=0)
 
 
+@pytest.mark.parametrize("context_dim", [None, CONTEXT])
+def test_a_list_of_names_gives_each_layer_the_options_it_takes(context_dim):
+    """``hidden_dims`` reaches the IAF layers of ``lu_linear+iaf`` (an LU layer does not take it
+    unconditionally; a conditional one takes it for its context network)."""
+    layers = flows.stack(
+        ["lu_linear", "iaf", "lu_linear", "iaf"], DIM, context_dim=context_dim, hidden_dims=[7]
+    )
+    iafs = [m for m in layers if type(m).__name__.endswith("IAF")]
+    assert len(iafs) == 2
+    for iaf in iafs:
+        assert any(p.shape[0] == 7 for p in iaf.parameters())
+    with pytest.raises(
+        ValueError, match=r"unknown option\(s\) colour; options the layers take: lu_linear: none; "
+    ):
+        flows.stack(["lu_linear", "iaf"], DIM, colour="red")
+
+
 # --- devices -----------------------------------------------------------------------------
 
 
