@@ -101,12 +101,16 @@ def pyro_guides(init_scale: float) -> dict[str, Callable]:
     }
 
 
-def flow_guides(specs: list[str], num_flows: int, init_scale: float) -> dict[str, Callable]:
+def flow_guides(
+    specs: list[str], num_flows: int, init_scale: float, flow_options: dict | None = None
+) -> dict[str, Callable]:
     """AutoFlowGuide per spec: a layer name (``num_flows`` of it) or names joined by ``+`` (a stack),
-    prefixed ``full:`` for ``base_covariance="full"``."""
+    prefixed ``full:`` for ``base_covariance="full"``; ``flow_options`` go to every configuration's
+    layers (those that take them)."""
     guides = {}
+    flow_options = flow_options or {}
     for spec in specs:
-        options = {}
+        options = dict(flow_options)
         if spec.startswith("full:"):
             options["base_covariance"] = "full"
             spec = spec.removeprefix("full:")
@@ -114,8 +118,10 @@ def flow_guides(specs: list[str], num_flows: int, init_scale: float) -> dict[str
             label, flow, count = spec, spec.split("+"), 1
         else:
             label, flow, count = f"{spec} x{num_flows}", spec, num_flows
-        if options:
+        if options.get("base_covariance") == "full":
             label = f"{label}, full-rank base"
+        if flow_options:
+            label = f"{label}, {', '.join(f'{k}={v}' for k, v in flow_options.items())}"
         guides[f"AutoFlowGuide({label})"] = partial(
             AutoFlowGuide, flow=flow, num_flows=count, init_scale=init_scale, **options
         )
@@ -357,6 +363,12 @@ def main(argv: list[str] | None = None) -> None:
         "prefix 'full:' for base_covariance='full' "
         "(default: every registered layer)",
     )
+    parser.add_argument(
+        "--flow-options",
+        type=json.loads,
+        default={},
+        help="layer options for every AutoFlowGuide configuration, as JSON: '{\"hidden_dims\": [8]}'",
+    )
     parser.add_argument("--posteriors", nargs="*", default=None)
     parser.add_argument("--guides", nargs="*", default=None, help="substrings of guide names to run")
     parser.add_argument(
@@ -375,7 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="Encountered NaN")  # a diverged fit is reported as failed
     families = args.flows or (QUICK_FLOWS if args.quick else flows.available())
-    guides = {**pyro_guides(args.init_scale), **flow_guides(families, args.num_flows, args.init_scale)}
+    guides = {
+        **pyro_guides(args.init_scale),
+        **flow_guides(families, args.num_flows, args.init_scale, args.flow_options),
+    }
     if args.guides:
         guides = {k: v for k, v in guides.items() if any(s in k for s in args.guides)}
     folders = sorted(p for p in args.data.iterdir() if p.name in posteriordb_models.POSTERIORS)

@@ -60,3 +60,16 @@ def test_a_win_needs_a_lower_error_than_every_pyro_guide():
     assert config["k_hat_below_0.7"] == ["p"]
     assert config["ranks"] == [1, 2] and summary["best"] == "AutoFlowGuide(a)"
     assert summary["pyro_k_hat_below_0.7"] == {"AutoNormal": [], "AutoMultivariateNormal": ["p", "q"]}
+
+
+def test_flow_configurations_are_named_by_their_layers_base_and_options():
+    guides = posteriordb.flow_guides(
+        ["planar", "full:lu_linear+iaf"], num_flows=3, init_scale=0.1, flow_options={"hidden_dims": [8]}
+    )
+    assert sorted(guides) == [
+        "AutoFlowGuide(lu_linear+iaf, full-rank base, hidden_dims=[8])",
+        "AutoFlowGuide(planar x3, hidden_dims=[8])",
+    ]
+    stack = guides["AutoFlowGuide(lu_linear+iaf, full-rank base, hidden_dims=[8])"].keywords
+    assert stack["flow"] == ["lu_linear", "iaf"] and stack["base_covariance"] == "full"
+    assert stack["hidden_dims"] == [8] and stack["num_flows"] == 1

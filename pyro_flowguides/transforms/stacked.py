@@ -94,29 +94,18 @@ class StackedTransform(FlowTransform):
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._hand_out_params()
-        if self._log_dets_at_end:
-            return self._forward_then_log_dets(x)
-        log_dets = []
+        at_end = self._log_dets_at_end
+        parts = []  # per layer: its log-det, or what its log-det needs when they are computed at the end
         for layer, reverse in zip(self.layers, self._reversals(), strict=False):
-            x, layer_log_det = layer.forward_and_log_det(x)
-            log_dets.append(layer_log_det)
+            x, part = layer.forward_and_log_det_input(x) if at_end else layer.forward_and_log_det(x)
+            parts.append(part)
             if reverse:
                 x = x.flip(-1)
-        log_det = torch.stack(torch.broadcast_tensors(*log_dets)).sum(0)  # one sum, not K - 1 adds
+        if at_end:  # one vectorised call on (..., K, m), not a handful of autograd nodes per layer
+            terms = self.layers[0].log_det_terms(self._constrained_stack, torch.stack(parts, -2))
+            return x, terms.sum((-2, -1))  # the layers broadcast x against their parameters already
+        log_det = torch.stack(torch.broadcast_tensors(*parts)).sum(0)  # one sum, not K - 1 adds
         return x, log_det.expand(x.shape[:-1])
-
-    def _forward_then_log_dets(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """The layers keep what their log-dets need (``(..., m)`` each); the ``K`` log-dets are then
-        one vectorised call on those stacked to ``(..., K, m)``, where per-layer log-dets would
-        cost the autograd graph a handful of nodes per layer."""
-        det_inputs = []
-        for layer, reverse in zip(self.layers, self._reversals(), strict=False):
-            x, det_input = layer.forward_and_log_det_input(x)
-            det_inputs.append(det_input)
-            if reverse:
-                x = x.flip(-1)
-        terms = self.layers[0].log_det_terms(self._constrained_stack, torch.stack(det_inputs, -2))
-        return x, terms.sum((-2, -1))  # the layers broadcast x against their parameters already
 
     def inverse_map(self, y: Tensor) -> Tensor:
         self._hand_out_params()
