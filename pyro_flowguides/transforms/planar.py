@@ -52,7 +52,11 @@ class PlanarTransform(FlowTransform):
     def forward_and_log_det_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``y`` and ``tanh(wᵀx + b)`` (shape ``(..., 1)``), from which :meth:`log_det_terms` gives the
         log-det; a stack runs its layers first and computes all their log-dets in one call."""
-        u_hat, w, b, _, _ = self.constrained()
+        return self._map(x, self.constrained())
+
+    @staticmethod
+    def _map(x: Tensor, constrained: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        u_hat, w, b, _, _ = constrained
         act = torch.tanh(torch.linalg.vecdot(x, w).unsqueeze(-1) + b)
         return x + u_hat * act, act
 
@@ -65,8 +69,9 @@ class PlanarTransform(FlowTransform):
         return torch.log(one_plus_wu_hat - wu_hat * act.square())
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        y, act = self.forward_and_log_det_input(x)
-        return y, self.log_det_terms(self.constrained(), act).squeeze(-1)
+        constrained = self.constrained()  # computed once: a layer outside a stack constrains per call
+        y, act = self._map(x, constrained)
+        return y, self.log_det_terms(constrained, act).squeeze(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
         u_hat, w, b, wu_hat, _ = self.constrained()
