@@ -105,12 +105,14 @@ def flow_guides(
     specs: list[str], num_flows: int, init_scale: float, flow_options: dict | None = None
 ) -> dict[str, Callable]:
     """AutoFlowGuide per spec: a layer name (``num_flows`` of it) or names joined by ``+`` (a stack),
-    prefixed ``full:`` for ``base_covariance="full"``; ``flow_options`` go to every configuration's
-    layers (those that take them)."""
+    prefixed ``full:`` for ``base_covariance="full"``. Each configuration gets those of the layer
+    options ``flow_options`` that one of its layers takes (named in its label); an option that no
+    configuration takes is an error."""
     guides = {}
     flow_options = flow_options or {}
+    unused = set(flow_options)
     for spec in specs:
-        options = dict(flow_options)
+        options = {}
         if spec.startswith("full:"):
             options["base_covariance"] = "full"
             spec = spec.removeprefix("full:")
@@ -118,13 +120,19 @@ def flow_guides(
             label, flow, count = spec, spec.split("+"), 1
         else:
             label, flow, count = f"{spec} x{num_flows}", spec, num_flows
-        if options.get("base_covariance") == "full":
+        if options:
             label = f"{label}, full-rank base"
-        if flow_options:
-            label = f"{label}, {', '.join(f'{k}={v}' for k, v in flow_options.items())}"
+        takes = [flows.option_names(name) for name in spec.split("+")]
+        applied = {k: v for k, v in flow_options.items() if any(t is None or k in t for t in takes)}
+        unused -= set(applied)
+        options.update(applied)
+        if applied:
+            label = f"{label}, {', '.join(f'{k}={v}' for k, v in applied.items())}"
         guides[f"AutoFlowGuide({label})"] = partial(
             AutoFlowGuide, flow=flow, num_flows=count, init_scale=init_scale, **options
         )
+    if unused:
+        raise ValueError(f"--flow-options {', '.join(sorted(unused))}: no configuration's layers take it")
     return guides
 
 
@@ -367,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         "--flow-options",
         type=json.loads,
         default={},
-        help="layer options for every AutoFlowGuide configuration, as JSON: '{\"hidden_dims\": [8]}'",
+        help="layer options as JSON ('{\"hidden_dims\": [8]}'), for each AutoFlowGuide configuration "
+        "whose layers take them",
     )
     parser.add_argument("--posteriors", nargs="*", default=None)
     parser.add_argument("--guides", nargs="*", default=None, help="substrings of guide names to run")

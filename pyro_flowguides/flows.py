@@ -1,4 +1,4 @@
-"""The registry of flow layers: ``available()``, ``make(name, dim, ...)`` and ``stack(...)``.
+"""The registry of flow layers: ``available()``, ``make(...)``, ``stack(...)`` and ``option_names(...)``.
 
 >>> from pyro_flowguides import flows
 >>> layer = flows.make("planar", 3)
@@ -54,6 +54,8 @@ def register(
     """Add a layer family.
 
     ``unconditional(dim, **options)`` and ``conditional(dim, context_dim, **options)`` build its layers.
+    In a list of names a layer gets only the options its family takes when the family declares them
+    (classes whose ``transform`` has ``option_defaults``); a plain factory gets every option.
     """
     if name in _REGISTRY or name in _USER_LAYERS:
         raise ValueError(f"flow layer {name!r} is already registered")
@@ -85,8 +87,8 @@ def _make_each(
 ) -> list[Layer]:
     """The layers of a list of names, each given the options its family takes, so that
     ``["lu_linear", "iaf"]`` takes the IAF's ``hidden_dims``; an option that no family in the list
-    takes is an error."""
-    takes = {name: _option_names(_classes(name)[context_dim is not None]) for name in dict.fromkeys(names)}
+    takes is an error. A family that does not declare its options (:func:`option_names`) gets all."""
+    takes = {name: option_names(name, conditional=context_dim is not None) for name in dict.fromkeys(names)}
     if all(t is not None for t in takes.values()):
         unknown = sorted(set(options).difference(*takes.values()))
         if unknown:
@@ -105,8 +107,16 @@ def _make_each(
     ]
 
 
-def _option_names(factory: Callable[..., Layer]) -> set[str] | None:
-    """The options a layer class takes; None for a registered layer that does not declare them."""
+def option_names(name: str, *, conditional: bool = False) -> set[str] | None:
+    """The options family ``name``'s layers take; None for a layer registered with a factory
+    that does not declare them (a class whose ``transform`` has ``option_defaults`` does).
+
+    >>> sorted(option_names("iaf")), option_names("lu_linear")
+    (['hidden_dims', 'max_log_scale'], set())
+    >>> option_names("lu_linear", conditional=True)  # the widths of its context network
+    {'hidden_dims'}
+    """
+    factory = _classes(name)[conditional]
     declared = getattr(getattr(factory, "transform", None), "option_defaults", None)
     if declared is None:
         return None

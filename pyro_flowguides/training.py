@@ -458,12 +458,14 @@ def fit(
 
 @dataclass
 class _Failure:
-    """A step that was not finite: its loss, the parameters with non-finite gradients, and the
-    ``ValueError`` of a distribution that got invalid parameters, if that is what happened."""
+    """A step that was not finite: its loss, the parameters with non-finite gradients, the
+    ``ValueError`` of a distribution that got invalid parameters or values, if that is what
+    happened, and then the parameters whose values are not finite."""
 
     loss: Tensor | float
     params: list[str]
     invalid: ValueError | None
+    nonfinite_values: list[str] = field(default_factory=list)
 
 
 class _Trainer:
@@ -654,11 +656,18 @@ class _Trainer:
         self.model_sites.runs.clear()
         self.guide_sites.runs.clear()
         invalid: ValueError | None = None
+        nonfinite_values: list[str] = []
         with poutine.trace(param_only=True) as capture:
             try:
                 loss = self._loss_and_grads(args, kwargs)
-            except ValueError as error:  # torch's validation of a distribution's parameters
-                if not ("Expected parameter" in str(error) and "found invalid values" in str(error)):
+            except ValueError as error:  # torch's validation: of a distribution's parameters, or of a
+                # value that a non-finite parameter put outside a site's support
+                message = str(error)
+                nonfinite_values = _params_holding_nonfinite(capture.trace)
+                if not (
+                    ("Expected parameter" in message and "found invalid values" in message)
+                    or nonfinite_values
+                ):
                     raise
                 invalid, loss = error, math.nan
         params = {site["name"]: site["value"].unconstrained() for site in capture.trace.nodes.values()}
@@ -670,7 +679,7 @@ class _Trainer:
             raise
         if invalid is not None or bad is not None:
             zero_grads(params.values())
-            return _Failure(loss, bad or [], invalid)
+            return _Failure(loss, bad or [], invalid, nonfinite_values)
         tensors = list(params.values())
         if self.clip_norm is not None:
             torch.nn.utils.clip_grad_norm_([p for p in tensors if p.grad is not None], self.clip_norm)
@@ -738,7 +747,14 @@ class _Trainer:
         sites = self._nonfinite_sites(args, kwargs, rng)
         parts = []
         if failure.invalid is not None:
-            parts.append(f"a distribution got invalid parameters ({str(failure.invalid).splitlines()[0]})")
+            lines = str(failure.invalid).splitlines()
+            what = "parameters" if "Expected parameter" in lines[0] else "values"
+            detail = next((line for line in lines if "Expected" in line), lines[0])
+            parts.append(f"a distribution got invalid {what} ({detail.strip()})")
+        if failure.nonfinite_values:
+            parts.append(
+                f"parameter(s) {', '.join(map(repr, failure.nonfinite_values))} hold NaN or infinity"
+            )
         elif not math.isfinite(float(failure.loss)):
             parts.append(f"the loss is {float(failure.loss)}")
         if failure.params:
@@ -892,6 +908,15 @@ class _Trainer:
         self.bad_validations = extra["bad_validations"]
         self.best_params = extra["best_params"]
         self.reference_sites = saved_sites if extra["model_sites"] is not None else None
+
+
+def _params_holding_nonfinite(trace: poutine.Trace) -> list[str]:
+    """The parameter sites recorded in ``trace`` that hold a NaN or infinity."""
+    return [
+        name
+        for name, site in trace.nodes.items()
+        if site["type"] == "param" and not torch.isfinite(site["value"].unconstrained()).all()
+    ]
 
 
 def _param_values() -> dict[str, Tensor]:

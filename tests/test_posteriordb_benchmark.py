@@ -4,6 +4,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import posteriordb
 
@@ -68,8 +70,11 @@ def test_flow_configurations_are_named_by_their_layers_base_and_options():
     )
     assert sorted(guides) == [
         "AutoFlowGuide(lu_linear+iaf, full-rank base, hidden_dims=[8])",
-        "AutoFlowGuide(planar x3, hidden_dims=[8])",
+        "AutoFlowGuide(planar x3)",  # planar takes no hidden_dims: it is not given them
     ]
     stack = guides["AutoFlowGuide(lu_linear+iaf, full-rank base, hidden_dims=[8])"].keywords
     assert stack["flow"] == ["lu_linear", "iaf"] and stack["base_covariance"] == "full"
     assert stack["hidden_dims"] == [8] and stack["num_flows"] == 1
+    assert "hidden_dims" not in guides["AutoFlowGuide(planar x3)"].keywords
+    with pytest.raises(ValueError, match="--flow-options colour: no configuration's layers take it"):
+        posteriordb.flow_guides(["planar"], num_flows=3, init_scale=0.1, flow_options={"colour": 1})

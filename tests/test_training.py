@@ -275,6 +275,20 @@ def test_nonfinite_step_is_not_applied_and_is_named(how, named):
 
 
 @pytest.mark.filterwarnings("ignore:Encountered")
+@pytest.mark.parametrize("check_finite", [True, False])
+def test_a_nonfinite_guide_parameter_is_named_when_a_model_site_refuses_its_value(check_finite):
+    """The guide does not re-validate its own parameters each step; a NaN location then reaches the
+    model as a latent value, whose validation error ``fit`` turns into a named failure."""
+
+    def model():
+        pyro.sample("a", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    guide = AutoFlowGuide(model, flow="planar", init_loc_fn=lambda site: torch.full((2,), math.nan))
+    with pytest.raises(NonFiniteLossError, match=r"got invalid values.*'AutoFlowGuide\.loc' hold NaN"):
+        fit(model, guide, num_steps=3, check_finite=check_finite, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore:Encountered")
 def test_retry_lowers_the_learning_rate_and_goes_on():
     def model():
         z = pyro.sample("z", dist.Normal(0.0, 1.0))
