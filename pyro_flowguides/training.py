@@ -748,15 +748,15 @@ class _Trainer:
         parts = []
         if failure.invalid is not None:
             lines = str(failure.invalid).splitlines()
-            what = "parameters" if "Expected parameter" in lines[0] else "values"
             detail = next((line for line in lines if "Expected" in line), lines[0])
+            what = "parameters" if "Expected parameter" in detail else "values"
             parts.append(f"a distribution got invalid {what} ({detail.strip()})")
+        elif not math.isfinite(float(failure.loss)):
+            parts.append(f"the loss is {float(failure.loss)}")
         if failure.nonfinite_values:
             parts.append(
                 f"parameter(s) {', '.join(map(repr, failure.nonfinite_values))} hold NaN or infinity"
             )
-        elif not math.isfinite(float(failure.loss)):
-            parts.append(f"the loss is {float(failure.loss)}")
         if failure.params:
             parts.append(f"non-finite gradients of parameter(s) {', '.join(map(repr, failure.params))}")
         parts += sites
