@@ -364,3 +364,16 @@ def test_fused_stack_copies_after_use(name):
     (y.sum() + stack.log_abs_det_jacobian(x, y).sum()).backward()
     for clone in (copy.deepcopy(stack), pickle.loads(pickle.dumps(stack))):
         torch.testing.assert_close(clone(x), y)
+
+
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_inverse_jacobian_is_the_inverse_of_the_forward_jacobian(name, conditional):
+    """Autograd through the inverse gives ``(∂y/∂x)⁻¹``: root-finding inverses differentiate by the
+    implicit function theorem, not through their iterations (path gradients rely on it)."""
+    layer = build(name, conditional)
+    x = inputs(torch.float64)
+    t = condition_rows(layer, x)
+    y = t(x).detach()
+    forward = jacobian_blocks(t, x)
+    inverse = jacobian_blocks(lambda v: t.inv(v.view_as(v)), y)
+    torch.testing.assert_close(inverse, torch.linalg.inv(forward), rtol=1e-6, atol=1e-6)
