@@ -105,23 +105,26 @@ def flow_guides(
     specs: list[str], num_flows: int, init_scale: float, flow_options: dict | None = None
 ) -> dict[str, Callable]:
     """AutoFlowGuide per spec: a layer name (``num_flows`` of it) or names joined by ``+`` (a stack),
-    prefixed ``full:`` for ``base_covariance="full"``. Each configuration gets those of the layer
-    options ``flow_options`` that one of its layers takes (named in its label); an option that no
-    configuration takes is an error."""
+    prefixed ``full:`` for ``base_covariance="full"``, then ``path:`` for ``path_gradient=True``.
+    Each configuration gets those of the layer options ``flow_options`` that one of its layers
+    takes (named in its label); an option that no configuration takes is an error."""
     guides = {}
     flow_options = flow_options or {}
     unused = set(flow_options)
     for spec in specs:
         options = {}
-        if spec.startswith("full:"):
-            options["base_covariance"] = "full"
-            spec = spec.removeprefix("full:")
+        for prefix, option, value in (("full:", "base_covariance", "full"), ("path:", "path_gradient", True)):
+            if spec.startswith(prefix):
+                options[option] = value
+                spec = spec.removeprefix(prefix)
         if "+" in spec:
             label, flow, count = spec, spec.split("+"), 1
         else:
             label, flow, count = f"{spec} x{num_flows}", spec, num_flows
-        if options:
+        if "base_covariance" in options:
             label = f"{label}, full-rank base"
+        if "path_gradient" in options:
+            label = f"{label}, path gradient"
         takes = [flows.option_names(name) for name in spec.split("+")]
         applied = {k: v for k, v in flow_options.items() if any(t is None or k in t for t in takes)}
         unused -= set(applied)
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
         nargs="+",
         default=None,
         help="AutoFlowGuide configurations: layer names, or stacks as names joined by '+'; "
-        "prefix 'full:' for base_covariance='full' "
+        "prefix 'full:' for base_covariance='full', then 'path:' for path_gradient=True "
         "(default: every registered layer)",
     )
     parser.add_argument(

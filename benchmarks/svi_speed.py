@@ -5,8 +5,12 @@ one thread, Trace_ELBO with one particle; all guides timed side by side in one r
 number of steps each, after warm-up. Ratios are printed against AutoNormal and against Pyro's
 AutoNormalizingFlow with the same flow (planar x 8). AutoFlowGuide's default (a full-rank base,
 like AutoMultivariateNormal: O(D²) per step) is timed beside AutoMultivariateNormal.
+``--path-gradient`` adds the planar stack and the default with ``path_gradient=True`` (a pass
+through the inverse per step; the default's IAF layers invert in D sequential passes) and saves
+``svi_speed_path_gradient.json`` instead.
 
     python benchmarks/svi_speed.py --out benchmarks/results
+    python benchmarks/svi_speed.py --path-gradient --dims 10 100 --out benchmarks/results
 """
 
 from __future__ import annotations
@@ -35,7 +39,20 @@ def logistic_regression(x, y):
         pyro.sample("y", dist.Bernoulli(logits=x @ w + b), obs=y)
 
 
-def guides(num_flows: int) -> dict:
+def guides(num_flows: int, path_gradient: bool = False) -> dict:
+    if path_gradient:
+        return {
+            "AutoNormal": AutoNormal,
+            f"AutoNormalizingFlow(planar x{num_flows})": lambda m: AutoNormalizingFlow(
+                m, partial(_pyro_planar_module, num_flows)
+            ),
+            f"AutoFlowGuide(planar x{num_flows})": partial(AutoFlowGuide, flow="planar", num_flows=num_flows),
+            f"AutoFlowGuide(planar x{num_flows}, path gradient)": partial(
+                AutoFlowGuide, flow="planar", num_flows=num_flows, path_gradient=True
+            ),
+            "AutoFlowGuide(default)": AutoFlowGuide,
+            "AutoFlowGuide(default, path gradient)": partial(AutoFlowGuide, path_gradient=True),
+        }
     return {
         "AutoNormal": AutoNormal,
         "AutoMultivariateNormal": AutoMultivariateNormal,
@@ -78,6 +95,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--num-flows", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds; the median is kept")
+    parser.add_argument("--path-gradient", action="store_true", help="time path_gradient=True beside")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -88,7 +106,7 @@ def main() -> None:
         y = torch.bernoulli(torch.sigmoid(x @ torch.randn(dim, generator=g) / dim**0.5), generator=g)
         times: dict[str, list[float]] = {}
         for _ in range(args.repeats):  # interleave guides so machine noise hits all of them alike
-            for name, make in guides(args.num_flows).items():
+            for name, make in guides(args.num_flows, args.path_gradient).items():
                 pyro.clear_param_store()
                 pyro.set_rng_seed(0)
                 times.setdefault(name, []).append(
@@ -114,7 +132,8 @@ def main() -> None:
                 flush=True,
             )
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "svi_speed.json").write_text(json.dumps(results, indent=1))
+    name = "svi_speed_path_gradient.json" if args.path_gradient else "svi_speed.json"
+    (args.out / name).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

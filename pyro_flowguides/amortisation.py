@@ -213,6 +213,7 @@ class AmortisedFlow(nn.Module):
     ``init_scale``. With ``head_init="zeros"`` their weights and those of the conditional layers'
     output layers are zero, so the first posterior is ``N(init_loc, init_scale²)`` whatever the
     data; with ``"random"`` they get PyTorch's default weights (:func:`randomise_heads`).
+    ``path_gradient`` is :class:`FlowDistribution`'s.
 
     Centring puts the structure a layer has at the origin (a planar hyperplane, a radial centre)
     in the middle of every item's posterior mass; uncentred, the encoder places it. Measured on
@@ -237,11 +238,13 @@ class AmortisedFlow(nn.Module):
         num_flows: int,
         head_init: HeadInit = "zeros",
         centred: bool = True,
+        path_gradient: bool = False,
         **flow_options: object,
     ) -> None:
         super().__init__()
         self.encoder = encoder
         self.centred = centred
+        self.path_gradient = path_gradient
         initial = torch.cat([init_loc, torch.full_like(init_loc, _softplus_inverse(init_scale))])
         self.base = ZeroHeadMLP(context_dim, [], initial)
         self.layers = (
@@ -262,4 +265,6 @@ class AmortisedFlow(nn.Module):
         if layers and not self.centred:  # f(loc + x) = loc + [shift⁻¹ ∘ f ∘ shift](x)
             shift = AffineTransform(loc, 1.0, event_dim=1)
             layers = [shift, *layers, shift.inv]
-        return FlowDistribution(loc, F.softplus(raw_scale), layers, context=h)
+        return FlowDistribution(
+            loc, F.softplus(raw_scale), layers, context=h, path_gradient=self.path_gradient
+        )

@@ -78,3 +78,14 @@ def test_flow_configurations_are_named_by_their_layers_base_and_options():
     assert "hidden_dims" not in guides["AutoFlowGuide(planar x3)"].keywords
     with pytest.raises(ValueError, match="--flow-options colour: no configuration's layers take it"):
         posteriordb.flow_guides(["planar"], num_flows=3, init_scale=0.1, flow_options={"colour": 1})
+
+
+def test_flow_configurations_with_path_gradients():
+    guides = posteriordb.flow_guides(["full:path:iaf", "path:planar"], num_flows=2, init_scale=0.1)
+    assert sorted(guides) == [
+        "AutoFlowGuide(iaf x2, full-rank base, path gradient)",
+        "AutoFlowGuide(planar x2, path gradient)",
+    ]
+    full = guides["AutoFlowGuide(iaf x2, full-rank base, path gradient)"].keywords
+    assert full["path_gradient"] is True and full["base_covariance"] == "full" and full["flow"] == "iaf"
+    assert "base_covariance" not in guides["AutoFlowGuide(planar x2, path gradient)"].keywords
