@@ -371,6 +371,12 @@ class DatasetELBO:
     def per_dataset_losses(self, model: Callable, guide: Callable, batch: DatasetBatch) -> Tensor:
         """``-ELBO`` (or the importance-weighted bound's negative) of each data set of ``batch``,
         shape ``(len(batch),)``, differentiable (for reparameterised guides)."""
+        if self.importance_weighted and self.num_particles > 1 and getattr(guide, "path_gradient", False):
+            raise ValueError(
+                "DatasetELBO(importance_weighted=True): the guide has path_gradient=True, whose gradient "
+                "is biased for importance-weighted bounds (Tucker et al. 2019); build the guide with "
+                "path_gradient=False, or use importance_weighted=False"
+            )
         nesting = self.plate_nesting(model, guide, batch[0])
         elbo = self._elbo(nesting + 1)
         with _datasets_at_once(model, guide, batch, nesting) as (batched_model, batched_guide):

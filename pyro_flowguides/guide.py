@@ -178,6 +178,11 @@ class AutoFlowGuide(AutoContinuous):
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
 
+    @property
+    def path_gradient(self) -> bool:
+        """Whether the guide's posteriors drop the score term from the ELBO's gradient."""
+        return self._path_gradient
+
     def _setup_prototype(self, *args, **kwargs) -> None:
         super()._setup_prototype(*args, **kwargs)
         if self._amortised is not None:

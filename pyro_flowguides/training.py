@@ -117,7 +117,9 @@ class SyncFreeTrace_ELBO(Trace_ELBO):
     step only queues GPU work (turn Pyro's validation off as well, ``pyro.enable_validation(False)``:
     it checks every log-probability for NaN on the host). The gradient is the same as
     ``Trace_ELBO``'s when every guide site is reparameterised (all ``AutoContinuous`` guides,
-    ``AutoNormal``, ``AutoFlowGuide``); a guide site that is not gets an error.
+    ``AutoNormal``, ``AutoFlowGuide``); a guide site that is not gets an error. (A guide with
+    ``path_gradient=True`` inverts its layers every step, and iterative inverses (IAF, planar,
+    Sylvester) test their convergence on the host: those steps synchronise.)
     """
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs) -> Tensor:

@@ -436,3 +436,11 @@ def test_regression_with_varying_design_is_calibrated():
     assert all(sbc.passed().values()), sbc.p_values()
     assert min(c[0.95] for c in coverage.values()) > 0.9
     assert max(abs(c[0.5] - 0.5) for c in coverage.values()) < 0.05
+
+
+def test_importance_weighted_bound_refuses_a_path_gradient_guide():
+    guide = summary_guide(path_gradient=True)
+    batch = simulate_datasets(normal_mean, 4, observed="y", shared={"n": 3})
+    with pytest.raises(ValueError, match="path_gradient=True, whose gradient is biased"):
+        DatasetELBO(num_particles=4, importance_weighted=True)(normal_mean, guide, batch)
+    assert DatasetELBO(num_particles=4)(normal_mean, guide, batch).isfinite()

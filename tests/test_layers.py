@@ -377,3 +377,16 @@ def test_inverse_jacobian_is_the_inverse_of_the_forward_jacobian(name, condition
     forward = jacobian_blocks(t, x)
     inverse = jacobian_blocks(lambda v: t.inv(v.view_as(v)), y)
     torch.testing.assert_close(inverse, torch.linalg.inv(forward), rtol=1e-6, atol=1e-6)
+
+
+def test_planar_inverse_stays_in_its_bracket_where_the_slope_rounds_to_zero():
+    """float32, ûᵀw rounded to -1: the last (differentiable) Newton step divides by a zero slope;
+    its value is then not taken, and the inverse stays as close as float32 resolves."""
+    from pyro_flowguides.transforms.planar import PlanarTransform
+
+    params = {"u": torch.tensor([-25.0, 0.5]), "w": torch.tensor([1.0, 0.0]), "b": torch.zeros(1)}
+    layer = PlanarTransform(params, dim=2)
+    x = torch.tensor([[3e-3, 1.0], [1e-2, 1.0], [3e-2, 1.0], [1e-1, 1.0]])
+    for row in x:  # one point per call: the loop stops on that point alone
+        inverse = layer.inv(layer(row[None]).clone())
+        assert (inverse - row).abs().max() < 0.01

@@ -126,12 +126,14 @@ class AffineAutoregressiveTransform(NetworkFlowTransform):
 
     def inverse_map(self, y: Tensor) -> Tensor:
         # after pass k, x_1..x_k are exact; a pass that changes nothing has reached the fixed point
-        # (its result is kept: it carries the graph to the parameters, which y alone does not)
+        # (its result is kept: it carries the graph to the parameters, which y alone does not).
+        # A trace cannot stop on the values: traced, all D passes run.
+        may_stop = not torch.jit.is_tracing()
         x = y
         for _ in range(self.dim):
             mean, raw = self.conditioner(x)
             x_next = (y - mean) * torch.exp(-self._log_scale(raw))
-            converged = x_next.shape == x.shape and torch.equal(x_next, x)
+            converged = may_stop and x_next.shape == x.shape and torch.equal(x_next, x)
             x = x_next
             if converged:
                 break

@@ -21,17 +21,23 @@ def solve_increasing(
     the bracket, bisection elsewhere, so the iteration converges whenever the root is bracketed;
     it stops once the bracket or the residual is at the dtype's resolution.
 
-    The iteration runs without autograd. One more Newton step, with it, moves the root by rounding
-    only and gives it the implicit-function derivative: ``∂a/∂target = 1 / fn'(a)`` and
-    ``∂a/∂θ = -(∂fn/∂θ) / fn'(a)`` for whatever ``fn`` reads, exact wherever the root is (a
-    derivative backpropagated through the loop is only as good as its last step, and is zero
-    where that step bisected).
+    The iteration runs without autograd. One more Newton step, with it, gives the root the
+    implicit-function derivative: ``∂a/∂target = 1 / fn'(a)`` and ``∂a/∂θ = -(∂fn/∂θ) / fn'(a)``
+    for whatever ``fn`` reads (first derivatives; a derivative backpropagated through the loop is
+    only as good as its last step, and is zero where that step bisected). The step's value is
+    kept only inside the final bracket; outside it (a slope that rounds to zero) the root keeps the
+    loop's value, with the same derivative. Under ``torch.jit.trace`` the loop runs all
+    ``max_iter`` iterations: a trace cannot stop on the values.
     """
     tiny = torch.finfo(target.dtype).tiny
     with torch.no_grad():
-        a = _bracketed_newton(fn, target.detach(), lower.detach(), upper.detach(), max_iter, tiny)
+        a, lower, upper = _bracketed_newton(
+            fn, target.detach(), lower.detach(), upper.detach(), max_iter, tiny
+        )
     value, slope = fn(a)
-    return a - (value - target) / slope.detach().clamp_min(tiny)
+    newton = a - (value - target) / slope.detach().clamp_min(tiny)
+    inside = (newton >= lower) & (newton <= upper)
+    return torch.where(inside, newton, a + (newton - newton.detach()))
 
 
 def _bracketed_newton(
@@ -41,8 +47,10 @@ def _bracketed_newton(
     upper: Tensor,
     max_iter: int,
     tiny: float,
-) -> Tensor:
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The root and its final bracket."""
     tol = 4 * torch.finfo(target.dtype).eps
+    may_stop = not torch.jit.is_tracing()
     lower, upper = torch.broadcast_tensors(lower, upper)
     lower, upper = lower.clone(), upper.clone()
     a = 0.5 * (lower + upper)
@@ -50,7 +58,7 @@ def _bracketed_newton(
         value, slope = fn(a)
         residual = value - target
         scale = 1 + a.abs()
-        if bool((residual.abs() <= tol * scale).all()):
+        if may_stop and bool((residual.abs() <= tol * scale).all()):
             break
         below = residual < 0
         lower = torch.where(below, a, lower)
@@ -58,6 +66,6 @@ def _bracketed_newton(
         newton = a - residual / slope.clamp_min(tiny)
         inside = (newton >= lower) & (newton <= upper)
         a = torch.where(inside, newton, 0.5 * (lower + upper))
-        if bool(((upper - lower) <= tol * scale).all()):
+        if may_stop and bool(((upper - lower) <= tol * scale).all()):
             break
-    return a
+    return a, lower, upper

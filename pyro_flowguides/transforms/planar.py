@@ -74,12 +74,13 @@ class PlanarTransform(FlowTransform):
         return y, self.log_det_terms(constrained, act).squeeze(-1)
 
     def inverse_map(self, y: Tensor) -> Tensor:
-        u_hat, w, b, wu_hat, _ = self.constrained()
+        u_hat, w, b, wu_hat, one_plus_wu_hat = self.constrained()
         target = torch.linalg.vecdot(y, w).unsqueeze(-1)
 
         def reduced(a: Tensor) -> tuple[Tensor, Tensor]:
             act = torch.tanh(a + b)
-            return a + wu_hat * act, 1 + wu_hat * (1 - act * act)
+            # the slope as the log-det has it: 1 + ûᵀw rounds to zero where ûᵀw is near -1
+            return a + wu_hat * act, one_plus_wu_hat - wu_hat * act * act
 
         reach = wu_hat.abs()
         a = solve_increasing(reduced, target, target - reach, target + reach)
