@@ -10,6 +10,7 @@ and samples.
 
     python examples/vae_mnist.py                  # CPU budget: MLP, 10 epochs, every flow
     python examples/vae_mnist.py --flows vae t-snf --epochs 2
+    python examples/vae_mnist.py --flows vae o-snf --epochs 3 --train-items 10000 --path-gradient
     python examples/vae_mnist.py --protocol paper --arch paper --device cuda
 
 Protocols (``--protocol``):
@@ -101,6 +102,7 @@ class Protocol:
     nll_items: int  # test images for the NLL (a fixed random subset); 0 for all
     ortho_vecs: int = 32
     householder: int = 8
+    path_gradient: bool = False  # AutoFlowGuide(path_gradient=True): drop the ELBO gradient's score term
 
 
 PROTOCOLS = {
@@ -249,7 +251,12 @@ def build(
     decoder.to(device)
     model = bernoulli_vae(decoder)
     init_scale = INIT_SCALES.get(key, DEFAULT_INIT_SCALE)
-    guide = AutoFlowGuide(model, amortised=amortised(key, encoder, protocol), init_scale=init_scale)
+    guide = AutoFlowGuide(
+        model,
+        amortised=amortised(key, encoder, protocol),
+        init_scale=init_scale,
+        path_gradient=protocol.path_gradient,
+    )
     guide(example)
     return model, guide, decoder
 
@@ -463,7 +470,8 @@ def markdown(summary: dict) -> str:
         f"# Sylvester-flow VAE on static binarized MNIST ({summary['arch']} networks, protocol {p['name']})",
         "",
         f"{p['epochs']} epochs max, batch {p['batch_size']}, {p['optimiser']} lr {p['lr']}, KL warm-up "
-        f"{p['kl_warmup']} epochs, patience {p['patience']}, K = {p['num_flows']} flows (O-SNF M = "
+        f"{p['kl_warmup']} epochs, patience {p['patience']}, "
+        f"{'path gradients, ' if p.get('path_gradient') else ''}K = {p['num_flows']} flows (O-SNF M = "
         f"{p['ortho_vecs']}, H-SNF {p['householder']} reflections, T-SNF M = {summary['z_dim']}, IAF "
         f"MADE width {p['iaf_width']}), z = {summary['z_dim']}. -ELBO: one sample per image on "
         f"{summary['test_images_elbo']} test images. NLL: {p['nll_samples']} importance samples on "
@@ -636,6 +644,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--nll-samples", type=int, help="override the protocol's importance samples")
     parser.add_argument("--nll-items", type=int, help="override the protocol's NLL test images (0: all)")
     parser.add_argument("--train-items", type=int, help="train on the first N training images only")
+    parser.add_argument(
+        "--path-gradient", action="store_true", help="AutoFlowGuide(path_gradient=True) for every model"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -646,6 +657,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     protocol = PROTOCOLS[args.protocol]
     overrides = {"epochs": args.epochs, "nll_samples": args.nll_samples, "nll_items": args.nll_items}
+    overrides["path_gradient"] = args.path_gradient or None
     protocol = replace(protocol, **{k: v for k, v in overrides.items() if v is not None})
     data = load_binarized_mnist(args.data, args.device)
     if args.train_items:

@@ -1,5 +1,6 @@
 """The Sylvester-flow VAE example (examples/vae_mnist.py) and its benchmark's hand-written guide."""
 
+import dataclasses
 import doctest
 import importlib.util
 import json
@@ -232,6 +233,15 @@ def test_paper_architecture_trains_with_a_sylvester_flow():
     losses = [svi.step(x) for _ in range(3)]
     assert all(math.isfinite(v) for v in losses)
     assert guide.median(x)["z"].shape == (8, 64)
+
+
+def test_path_gradient_protocol_builds_guides_with_it():
+    protocol = dataclasses.replace(TINY, path_gradient=True)
+    x = binary_images(8)
+    model, guide, _ = example.build("o-snf", protocol, "mlp", "cpu", 0, x[:1])
+    assert guide.path_gradient and guide.local_posterior_for(x).path_gradient
+    svi = pyro.infer.SVI(model, guide, example.optimiser(protocol), Trace_ELBO())
+    assert all(math.isfinite(svi.step(x)) for _ in range(3))
 
 
 def test_bad_choices_are_named():
