@@ -40,27 +40,29 @@ def logistic_regression(x, y):
 
 
 def guides(num_flows: int, path_gradient: bool = False) -> dict:
+    planar = f"planar x{num_flows}"
+    pyro_planar = {
+        f"AutoNormalizingFlow({planar})": lambda m: AutoNormalizingFlow(
+            m, partial(_pyro_planar_module, num_flows)
+        )
+    }
     if path_gradient:
+        ours = {planar: {"flow": "planar", "num_flows": num_flows}, "default": {}}
         return {
             "AutoNormal": AutoNormal,
-            f"AutoNormalizingFlow(planar x{num_flows})": lambda m: AutoNormalizingFlow(
-                m, partial(_pyro_planar_module, num_flows)
-            ),
-            f"AutoFlowGuide(planar x{num_flows})": partial(AutoFlowGuide, flow="planar", num_flows=num_flows),
-            f"AutoFlowGuide(planar x{num_flows}, path gradient)": partial(
-                AutoFlowGuide, flow="planar", num_flows=num_flows, path_gradient=True
-            ),
-            "AutoFlowGuide(default)": AutoFlowGuide,
-            "AutoFlowGuide(default, path gradient)": partial(AutoFlowGuide, path_gradient=True),
+            **pyro_planar,
+            **{
+                f"AutoFlowGuide({label}{suffix})": partial(AutoFlowGuide, **options, **extra)
+                for label, options in ours.items()
+                for suffix, extra in (("", {}), (", path gradient", {"path_gradient": True}))
+            },
         }
     return {
         "AutoNormal": AutoNormal,
         "AutoMultivariateNormal": AutoMultivariateNormal,
-        f"AutoNormalizingFlow(planar x{num_flows})": lambda m: AutoNormalizingFlow(
-            m, partial(_pyro_planar_module, num_flows)
-        ),
+        **pyro_planar,
         "AutoIAFNormal(x2)": lambda m: AutoIAFNormal(m, num_transforms=2),
-        f"AutoFlowGuide(planar x{num_flows})": partial(AutoFlowGuide, flow="planar", num_flows=num_flows),
+        f"AutoFlowGuide({planar})": partial(AutoFlowGuide, flow="planar", num_flows=num_flows),
         "AutoFlowGuide(iaf x2)": partial(AutoFlowGuide, flow="iaf", num_flows=2),
         "AutoFlowGuide(orthogonal_sylvester x4)": partial(
             AutoFlowGuide, flow="orthogonal_sylvester", num_flows=4

@@ -61,12 +61,17 @@ class PlanarTransform(FlowTransform):
         return x + u_hat * act, act
 
     @staticmethod
-    def log_det_terms(constrained: tuple[Tensor, ...], act: Tensor) -> Tensor:
+    def _slope(wu_hat: Tensor, one_plus_wu_hat: Tensor, act: Tensor) -> Tensor:
+        """``1 + ûᵀw (1 - act²)`` as ``(1 + ûᵀw) - ûᵀw act²``: ``1 + ûᵀw`` would round to zero where
+        ``ûᵀw`` is near -1."""
+        return one_plus_wu_hat - wu_hat * act.square()
+
+    @classmethod
+    def log_det_terms(cls, constrained: tuple[Tensor, ...], act: Tensor) -> Tensor:
         """``log(1 + ûᵀw (1 - act²))`` elementwise: one layer's ``act`` ``(..., 1)`` with its
         parameters, or a stack's ``(..., K, 1)`` with its stacked parameters."""
         _, _, _, wu_hat, one_plus_wu_hat = constrained
-        # 1 + ûᵀw (1 - tanh²) = (1 + ûᵀw) - ûᵀw tanh²
-        return torch.log(one_plus_wu_hat - wu_hat * act.square())
+        return torch.log(cls._slope(wu_hat, one_plus_wu_hat, act))
 
     def forward_and_log_det(self, x: Tensor) -> tuple[Tensor, Tensor]:
         constrained = self.constrained()  # computed once: a layer outside a stack constrains per call
@@ -79,8 +84,7 @@ class PlanarTransform(FlowTransform):
 
         def reduced(a: Tensor) -> tuple[Tensor, Tensor]:
             act = torch.tanh(a + b)
-            # the slope as the log-det has it: 1 + ûᵀw rounds to zero where ûᵀw is near -1
-            return a + wu_hat * act, one_plus_wu_hat - wu_hat * act * act
+            return a + wu_hat * act, self._slope(wu_hat, one_plus_wu_hat, act)
 
         reach = wu_hat.abs()
         a = solve_increasing(reduced, target, target - reach, target + reach)
