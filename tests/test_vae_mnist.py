@@ -15,7 +15,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.infer import Trace_ELBO
 
-from pyro_flowguides import Amortised, AutoFlowGuide, MLPEncoder
+from pyro_flowguides import Amortised, AutoFlowGuide, MLPEncoder, fit
 from pyro_flowguides.amortisation import AmortisedFlow, randomise_heads
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,6 +242,30 @@ def test_path_gradient_protocol_builds_guides_with_it():
     assert guide.path_gradient and guide.local_posterior_for(x).path_gradient
     svi = pyro.infer.SVI(model, guide, example.optimiser(protocol), Trace_ELBO())
     assert all(math.isfinite(svi.step(x)) for _ in range(3))
+
+
+@pytest.mark.parametrize(
+    "epochs, decay_epochs, expected",
+    [(3, None, [1e-3, 10**-3.5, 1e-4]), (4, 2, [1e-3, 1e-3, 10**-3.5, 1e-4]), (3, 5, [1e-3, 10**-3.5, 1e-4])],
+)
+def test_the_learning_rate_falls_to_lr_final_in_the_last_epoch(epochs, decay_epochs, expected):
+    protocol = dataclasses.replace(TINY, epochs=epochs, lr_final=1e-4, decay_epochs=decay_epochs)
+    x = binary_images(8)
+    model, guide, _ = example.build("planar", protocol, "mlp", "cpu", 0, x[:1])
+    optim = example.optimiser(protocol)
+    rates = []
+
+    def record(history):
+        rates.append({s.get_last_lr()[0] for s in optim.optim_objs.values()})
+
+    fit(model, guide, data=[x], epochs=epochs, optim=optim, callbacks=[record], progress=False)
+    assert all(len(r) == 1 for r in rates)  # one rate for every parameter
+    assert [r.pop() for r in rates] == pytest.approx(expected)  # one step per epoch
+    assert not isinstance(example.optimiser(TINY), pyro.optim.PyroLRScheduler)  # no lr_final: constant
+    one_epoch = dataclasses.replace(TINY, epochs=1, lr_final=1e-4, decay_epochs=3)
+    assert not isinstance(example.optimiser(one_epoch), pyro.optim.PyroLRScheduler)  # nothing to decay
+    with pytest.raises(ValueError, match="decay_epochs must be at least 1"):
+        example.optimiser(dataclasses.replace(TINY, lr_final=1e-4, decay_epochs=0))
 
 
 def test_bad_choices_are_named():
