@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from pyro import poutine
 
 from pyro_flowguides import AutoFlowGuide, DataSummary
 from pyro_flowguides.datasets import (
@@ -443,4 +444,6 @@ def test_importance_weighted_bound_refuses_a_path_gradient_guide():
     batch = simulate_datasets(normal_mean, 4, observed="y", shared={"n": 3})
     with pytest.raises(ValueError, match="path_gradient=True, whose gradient is biased"):
         DatasetELBO(num_particles=4, importance_weighted=True)(normal_mean, guide, batch)
+    with pytest.raises(ValueError, match="path_gradient=True, whose gradient is biased"):
+        DatasetELBO(num_particles=4, importance_weighted=True)(normal_mean, poutine.block(guide), batch)
     assert DatasetELBO(num_particles=4)(normal_mean, guide, batch).isfinite()
