@@ -371,7 +371,11 @@ class DatasetELBO:
     def per_dataset_losses(self, model: Callable, guide: Callable, batch: DatasetBatch) -> Tensor:
         """``-ELBO`` (or the importance-weighted bound's negative) of each data set of ``batch``,
         shape ``(len(batch),)``, differentiable (for reparameterised guides)."""
-        if self.importance_weighted and self.num_particles > 1 and getattr(unwrap(guide), "path_gradient", False):
+        if (
+            self.importance_weighted
+            and self.num_particles > 1
+            and getattr(unwrap(guide), "path_gradient", False)
+        ):
             raise ValueError(
                 "DatasetELBO(importance_weighted=True): the guide has path_gradient=True, whose gradient "
                 "is biased for importance-weighted bounds (Tucker et al. 2019); build the guide with "
