@@ -28,6 +28,7 @@ from .datasets import (
 )
 from .diagnostics import Diagnosis, LooResult, diagnose, log_evidence_per_item, loo
 from .encoders import MLPEncoder, PoolingEncoder
+from .ensemble import AutoFlowEnsemble, EqualMixture
 from .flow_distribution import FlowDistribution
 from .guide import AutoFlowGuide, init_to_feasible_point, init_to_median_or_feasible
 from .training import (
@@ -42,6 +43,7 @@ from .training import (
 
 __all__ = [
     "Amortised",
+    "AutoFlowEnsemble",
     "AutoFlowGuide",
     "CheckpointError",
     "CheckpointMismatchError",
@@ -50,6 +52,7 @@ __all__ = [
     "DatasetELBO",
     "DatasetLoader",
     "Diagnosis",
+    "EqualMixture",
     "FitHistory",
     "FlowDistribution",
     "ForwardKL",

@@ -155,6 +155,8 @@ def describe(guide: Callable, num_samples: int) -> dict[str, str | int]:
 
     The layers are read from a flow guide's ``flow`` (global latents) and, for amortised guides,
     ``local_posterior.layers`` and ``global_posterior.layers``; an empty list reads "Gaussian".
+    An ensemble (``AutoFlowEnsemble``) gives its number of members and, per kind, their layers
+    (``member 0: ...; member 1: ...`` when the members differ).
     """
     attrs: dict[str, str | int] = {
         "guide": guide_name(guide),
@@ -163,6 +165,16 @@ def describe(guide: Callable, num_samples: int) -> dict[str, str | int]:
         "inference_library_version": pyro.__version__,
         "created_by": "pyro_flowguides",
     }
+    members = getattr(guide, "members", None)
+    if isinstance(members, torch.nn.ModuleList):
+        attrs["ensemble_members"] = len(members)
+        described = [describe(member, num_samples) for member in members]
+        for key in ("flow", "local_flow", "global_flow"):
+            kinds = [d[key] for d in described if key in d]
+            if kinds:
+                same = len(set(kinds)) == 1
+                attrs[key] = kinds[0] if same else " | ".join(f"member {m}: {k}" for m, k in enumerate(kinds))
+        return attrs
     layer_lists = {
         "flow": getattr(guide, "flow", None),
         "local_flow": getattr(getattr(guide, "local_posterior", None), "layers", None),

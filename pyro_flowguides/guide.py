@@ -176,6 +176,7 @@ class AutoFlowGuide(AutoContinuous):
         self._amortised = amortised
         self._summary = summary
         self._local_sites: dict[str, tuple[dict, torch.Size]] = {}
+        self._given_model = (model,)  # before AutoContinuous wraps it with init_loc_fn; not a submodule
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
 
@@ -403,8 +404,7 @@ class AutoFlowGuide(AutoContinuous):
     def get_posterior(self, *args, **kwargs) -> FlowDistribution:
         """The flow posterior over the packed unconstrained global latents."""
         if self._summary is not None:
-            inputs = self._encoder_inputs(self._summary, *args, **kwargs)
-            return self._registered("global_posterior")(inputs)
+            return self._posterior_given(self._encoder_inputs(self._summary, *args, **kwargs))
         shear = self.shear if self._base_covariance == "full" else None
         # loc, scale and shear are PyroParams held in their supports by their constraints; checking
         # them every step costs more than a flow layer (a NaN still reaches the loss, and fit()).
@@ -417,6 +417,10 @@ class AutoFlowGuide(AutoContinuous):
             path_gradient=self._path_gradient,
             validate_args=False,
         )
+
+    def _posterior_given(self, summary_inputs: Tensor) -> FlowDistribution:
+        """The global posterior conditioned on the data-set summary's ``inputs``."""
+        return self._registered("global_posterior")(summary_inputs)
 
     def local_posterior_for(self, *args, **kwargs) -> FlowDistribution:
         """The amortised posterior of every item's packed unconstrained local latents, batch shape

@@ -1,3 +1,4 @@
+import pyro
 import pytest
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
@@ -7,6 +8,15 @@ from pyro.distributions.conditional import ConditionalTransformModule
 torch.set_num_threads(1)
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def fresh_param_store():
+    """Every test starts from an empty param store and seed 0, and leaves the store empty."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
 
 
 def jacobian_blocks(transform, x):

@@ -61,12 +61,6 @@ def gap_and_moments(a, make_guide, steps=600):
     return log_evidence - elbo, float(mean_error), float((z.std(0) / sd - 1).abs().max())
 
 
-@pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-
 def flow_guide(name):
     return lambda model: AutoFlowGuide(model, flow=name, num_flows=2)
 

@@ -17,14 +17,6 @@ NOISE = 0.5
 POST_SCALE = NOISE / math.sqrt(1 + NOISE**2)
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def local_model(x, batch_size=None):
     with pyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
         z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([x.shape[-1]]).to_event(1))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from pyro.infer.autoguide import AutoNormal
 
-from pyro_flowguides import AutoFlowGuide, arviz_export
+from pyro_flowguides import AutoFlowEnsemble, AutoFlowGuide, arviz_export
 from pyro_flowguides.amortisation import Amortised
 from pyro_flowguides.arviz_export import arviz_major, to_inference_data
 from pyro_flowguides.diagnostics import loo, psis
@@ -30,12 +30,6 @@ def model(x):
         loc = pyro.sample("loc", dist.Normal(mu, 1.0))
         pyro.deterministic("twice", 2 * loc)
         pyro.sample("x", dist.Normal(loc, 1.0), obs=x)
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +97,23 @@ def test_attrs_name_the_guide_and_the_flow():
     assert data.attrs["guide"] == "AutoFlowGuide" and data.attrs["num_samples"] == 10
     assert "LULinearTransform" in data.attrs["flow"] and "num_layers=2" in data.attrs["flow"]
     assert data.attrs["inference_library"] == "pyro"
+
+
+def test_an_ensemble_names_its_members_and_their_flows():
+    alike = AutoFlowEnsemble([AutoFlowGuide(model, flow="planar", num_flows=2) for _ in range(3)])
+    data = to_inference_data(alike, model, X, num_samples=10)
+    assert data.attrs["guide"] == "AutoFlowEnsemble" and data.attrs["ensemble_members"] == 3
+    assert data.attrs["flow"].count("FlowStack") == 1 and "PlanarTransform" in data.attrs["flow"]
+    assert data.posterior["mu"].shape == (1, 10)
+    pyro.clear_param_store()
+    mixed = AutoFlowEnsemble([AutoFlowGuide(model, flow=flow, num_flows=1) for flow in ("planar", "radial")])
+    attrs = to_inference_data(mixed, model, X, num_samples=10).attrs["flow"]
+    assert (
+        attrs.startswith("member 0: ")
+        and "Planar" in attrs
+        and " | member 1: " in attrs
+        and "Radial" in attrs
+    )
 
 
 def test_subsampled_plate_coords_are_the_subsample_indices():

@@ -17,14 +17,6 @@ from pyro_flowguides.training import ModelStructureError, fit
 N = 20
 
 
-@pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def gaussian(x):
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
     sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))

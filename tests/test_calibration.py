@@ -14,14 +14,6 @@ from pyro_flowguides.calibration import SBCResult, rank_statistics, simulation_b
 matplotlib.use("Agg")
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def normal_mean(n, y=None):
     """mu ~ N(0, 1), y_j ~ N(mu, 1): p(mu | y) = N(sum(y) / (n + 1), 1 / (n + 1))."""
     mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

@@ -26,14 +26,6 @@ from pyro_flowguides.training import fit
 X = torch.randn(24, generator=torch.Generator().manual_seed(0)) + 1.5
 
 
-@pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def model(x):
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
     sigma = pyro.sample("sigma", dist.LogNormal(0.0, 1.0))

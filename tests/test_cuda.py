@@ -25,11 +25,8 @@ DIM, CONTEXT = 4, 3
 
 
 @pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
+def default_sync_debug_mode():
     yield
-    pyro.clear_param_store()
     torch.cuda.set_sync_debug_mode("default")
 
 

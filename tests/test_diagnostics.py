@@ -69,12 +69,6 @@ def fit(model, guide, *args, steps=300, lr=0.05):
     return guide
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-
 @pytest.fixture(scope="module")
 def conjugate_flow():
     """A flow guide fitted to the conjugate posterior, its diagnosis and its LOO."""

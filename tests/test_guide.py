@@ -40,14 +40,6 @@ def fit(model, guide, *args, steps=50, loss=None, lr=0.02):
     return losses
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def test_median_equals_init_values_before_any_step():
     init = {"mu": torch.tensor(0.7), "sigma": torch.tensor(2.5)}
     guide = AutoFlowGuide(regression, flow="planar", num_flows=3, init_loc_fn=init_to_value(values=init))

@@ -46,12 +46,6 @@ def fit(model, guide, *args, steps=200):
     return [svi.step(*args) for _ in range(steps)]
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-
-
 def test_elbo_trace_plots_the_negated_losses(tmp_path):
     losses = [5.0, 4.0, 3.5, 3.2, 3.1]
     fig = plot_elbo_trace(losses, tmp_path / "elbo.png", log_evidence=-3.0, window=2)

@@ -27,14 +27,6 @@ from pyro_flowguides.training import (
 X_OBS = 1.3  # one observation of z ~ N(0, 1), x | z ~ N(z, 1)
 
 
-@pytest.fixture(autouse=True)
-def fresh_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 def normal_model(x):
     mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
     with pyro.plate("data", len(x)):

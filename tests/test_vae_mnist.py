@@ -36,13 +36,6 @@ needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"binarized MNIST not
 TINY = example.Protocol("tiny", 2, 1, 1, "adam", 1e-3, 50, 2, 128, 8, 0)
 
 
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    yield
-    pyro.clear_param_store()
-
-
 def binary_images(n, seed=0):
     return (torch.rand(n, 784, generator=torch.Generator().manual_seed(seed)) < 0.3).float()
 
