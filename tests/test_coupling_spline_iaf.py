@@ -122,7 +122,7 @@ def test_spline_function_slopes_are_bounded_and_float32_inverse_accurate():
         _, log_det = rational_quadratic_spline(x, w, s, d, bound=5.0)
         assert log_det.exp().min() > 4e-3 and log_det.exp().max() < 60
         y32, _ = rational_quadratic_spline(x.float(), w.float(), s.float(), d.float(), bound=5.0)
-        x32 = rational_quadratic_spline_inverse(y32, w.float(), s.float(), d.float(), bound=5.0)
+        x32, _ = rational_quadratic_spline_inverse(y32, w.float(), s.float(), d.float(), bound=5.0)
         assert (x32 - x.float()).abs().max() < 1e-3
 
 

@@ -82,6 +82,33 @@ def test_log_det_of_any_point_not_only_cached_samples(name, conditional):
     torch.testing.assert_close(fresh.log_abs_det_jacobian(x.clone(), y.clone()), t.log_abs_det_jacobian(x, y))
 
 
+@pytest.mark.parametrize(("name", "conditional"), CASES)
+def test_log_det_scored_through_the_inverse_is_the_forward_one(name, conditional):
+    """``log|det ∂f/∂x|`` at ``x = f⁻¹(y)``, as a density through the inverse asks for it (layers
+    whose inverse yields it keep it), equals the forward pass's at ``x``, values and gradients."""
+    layer = build(name, conditional)
+    y = inputs(torch.float64, seed=7).requires_grad_(True)
+    t = condition_rows(layer, y)
+    x = t.inv(y)
+    through_inverse = t.log_abs_det_jacobian(x, y)
+    x_again = x.detach().clone().requires_grad_(True)
+    forward = condition_rows(layer, y).log_abs_det_jacobian(x_again, t(x_again))
+    torch.testing.assert_close(through_inverse, forward, rtol=1e-8, atol=1e-8)
+    params = [p for p in layer.parameters() if p.requires_grad]
+    if layer.volume_preserving or not params:
+        return
+    grads = torch.autograd.grad(through_inverse.sum(), [y, *params], allow_unused=True)
+    # the forward log-det as a function of (y, θ): through x = f⁻¹(y; θ), by the chain rule
+    fresh = condition_rows(layer, y)
+    x_of = fresh.inv(y.detach().clone())
+    reference = torch.autograd.grad(
+        fresh.log_abs_det_jacobian(x_of, fresh(x_of)).sum(), params, allow_unused=True
+    )
+    for got, want in zip(grads[1:], reference, strict=True):
+        if want is not None:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize(("name", "conditional"), CASES)
 def test_inverse_round_trip(name, conditional, dtype):

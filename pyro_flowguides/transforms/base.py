@@ -128,6 +128,11 @@ class FlowTransform(Transform, metaclass=ABCMeta):
     def inverse_map(self, y: Tensor) -> Tensor:
         """Return ``x = f^{-1}(y)``."""
 
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``x = f^{-1}(y)`` and, for families whose inverse yields it (couplings), the forward
+        ``log|det ∂y/∂x|`` at ``x``, which then costs no second pass; ``None`` otherwise."""
+        return self.inverse_map(y), None
+
     # -- shared machinery -----------------------------------------------------------------
     def constrained(self) -> tuple[Tensor, ...]:
         """The parameters the maths uses: ``type(self).constrain(raw_params())``, or those given.
@@ -151,7 +156,10 @@ class FlowTransform(Transform, metaclass=ABCMeta):
 
     def _inverse(self, y: Tensor) -> Tensor:
         check_event_dim(y, self.dim, type(self).__name__)
-        return self.inverse_map(y)
+        x, log_det = self.inverse_and_log_det(y)
+        if log_det is not None:
+            self._kept = (x, y, log_det)
+        return x
 
     def log_abs_det_jacobian(self, x: Tensor, y: Tensor) -> Tensor:
         kept, self._kept = self._kept, None

@@ -181,8 +181,8 @@ class CouplingTransform(NetworkFlowTransform):
         """``y_b`` and the log-determinant (summed over the last dimension)."""
 
     @abstractmethod
-    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> Tensor:
-        """``x_b`` from ``y_b``."""
+    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``x_b`` from ``y_b``, and the forward log-determinant at ``x_b`` (as :meth:`couple`'s)."""
 
     # -- shared machinery -------------------------------------------------------------------
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
@@ -205,8 +205,12 @@ class CouplingTransform(NetworkFlowTransform):
         return torch.cat([x_a, y_b], dim=-1), log_det
 
     def inverse_map(self, y: Tensor) -> Tensor:
+        return self.inverse_and_log_det(y)[0]
+
+    def inverse_and_log_det(self, y: Tensor) -> tuple[Tensor, Tensor]:
         y_a, y_b, params = self._split(y)
-        return torch.cat([y_a, self.uncouple(y_b, params)], dim=-1)
+        x_b, log_det = self.uncouple(y_b, params)
+        return torch.cat([y_a, x_b], dim=-1), log_det
 
 
 class AdditiveCouplingTransform(CouplingTransform):
@@ -230,8 +234,8 @@ class AdditiveCouplingTransform(CouplingTransform):
     def couple(self, x_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return x_b + params["shift"], x_b.new_zeros(x_b.shape[:-1])
 
-    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> Tensor:
-        return y_b - params["shift"]
+    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        return y_b - params["shift"], y_b.new_zeros(y_b.shape[:-1])
 
 
 class AffineCouplingTransform(CouplingTransform):
@@ -270,9 +274,9 @@ class AffineCouplingTransform(CouplingTransform):
         log_scale = soft_clamp(params["log_scale"], self.options["max_log_scale"])  # type: ignore[arg-type]
         return params["shift"] + torch.exp(log_scale) * x_b, log_scale.sum(-1)
 
-    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> Tensor:
+    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         log_scale = soft_clamp(params["log_scale"], self.options["max_log_scale"])  # type: ignore[arg-type]
-        return (y_b - params["shift"]) * torch.exp(-log_scale)
+        return (y_b - params["shift"]) * torch.exp(-log_scale), log_scale.sum(-1)
 
 
 # -- modules --------------------------------------------------------------------------------------

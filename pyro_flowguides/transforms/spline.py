@@ -100,27 +100,38 @@ def rational_quadratic_spline(
     xi1 = xi * (1 - xi)
     denom = s + (d0 + d1 - 2 * s) * xi1
     v = right_y - height + height * (s * xi * xi + d0 * xi1) / denom
-    numer = d1 * xi * xi + 2 * s * xi1 + d0 * (1 - xi) * (1 - xi)
     z = z.squeeze(-1)
     y = v * (2 * bound) / z - bound
-    log_det = 2 * torch.log(s) + torch.log(numer) - 2 * torch.log(denom) - torch.log(z)
+    log_det = _log_slope(xi, s, d0, d1, z)
     inside = (x >= -bound) & (x <= bound)
     return torch.where(inside, y, x), torch.where(inside, log_det, torch.zeros_like(log_det))
 
 
+def _log_slope(xi: Tensor, s: Tensor, d0: Tensor, d1: Tensor, z: Tensor) -> Tensor:
+    """``log dy/dx`` at the point ``ξ`` of its bin (slope ``s``, knot derivatives ``d0, d1``),
+    ``z`` the heights' normaliser."""
+    xi1 = xi * (1 - xi)
+    numer = d1 * xi * xi + 2 * s * xi1 + d0 * (1 - xi) * (1 - xi)
+    denom = s + (d0 + d1 - 2 * s) * xi1
+    return 2 * torch.log(s) + torch.log(numer) - 2 * torch.log(denom) - torch.log(z)
+
+
 def rational_quadratic_spline_inverse(
     y: Tensor, widths: Tensor, slopes: Tensor, derivatives: Tensor, bound: float
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     r"""Inverse of :func:`rational_quadratic_spline`: the root in ``[0, 1]`` of ``a ξ² + b ξ + c = 0``.
 
     ``ξ = 2c / (-b - √(b² - 4ac))``, the cancellation-free form (Durkan et al. 2019, Appendix A.3).
+    Returns ``x`` and the *forward* ``log dy/dx`` at ``x`` (0 outside), from the same bin tables,
+    so a density evaluated through the inverse does not compute them twice.
 
     >>> import torch
     >>> x = torch.linspace(-6, 6, 7)
     >>> w, h, d = torch.randn(7, 8), torch.randn(7, 8), torch.randn(7, 7)
-    >>> y, _ = rational_quadratic_spline(x, w, h, d, bound=5.0)
-    >>> torch.allclose(rational_quadratic_spline_inverse(y, w, h, d, bound=5.0), x, atol=1e-5)
-    True
+    >>> y, log_det = rational_quadratic_spline(x, w, h, d, bound=5.0)
+    >>> x_back, log_det_back = rational_quadratic_spline_inverse(y, w, h, d, bound=5.0)
+    >>> torch.allclose(x_back, x, atol=1e-5), torch.allclose(log_det_back, log_det, atol=1e-5)
+    (True, True)
     """
     u, params = _broadcast((y.clamp(-bound, bound) + bound) / (2 * bound), (widths, slopes, derivatives))
     w, cum_w, heights, cum_heights, d, z = _spline_params(*params)
@@ -137,8 +148,9 @@ def rational_quadratic_spline_inverse(
     root = torch.sqrt((b * b - 4 * a * c).clamp_min(0))
     xi = (2 * c / (-b - root)).clamp(0, 1)
     x = (right_x - width + xi * width) * (2 * bound) - bound
+    log_det = _log_slope(xi, s, d0, d1, z.squeeze(-1))
     inside = (y >= -bound) & (y <= bound)
-    return torch.where(inside, x, y)
+    return torch.where(inside, x, y), torch.where(inside, log_det, torch.zeros_like(log_det))
 
 
 class NeuralSplineTransform(CouplingTransform):
@@ -190,10 +202,11 @@ class NeuralSplineTransform(CouplingTransform):
         )
         return y_b, log_det.sum(-1)
 
-    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> Tensor:
-        return rational_quadratic_spline_inverse(
+    def uncouple(self, y_b: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        x_b, log_det = rational_quadratic_spline_inverse(
             y_b, params["widths"], params["slopes"], params["derivatives"], self.options["bound"]
         )
+        return x_b, log_det.sum(-1)
 
 
 class NeuralSpline(NetworkFlowModule):
