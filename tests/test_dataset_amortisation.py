@@ -3,6 +3,8 @@
 import copy
 import importlib.util
 import math
+import os
+import sys
 from pathlib import Path
 
 import pyro
@@ -25,15 +27,8 @@ from pyro_flowguides.datasets import (
     stack_datasets,
 )
 from pyro_flowguides.diagnostics import diagnose
+from pyro_flowguides.draws import draw_posterior
 from pyro_flowguides.training import fit
-
-
-@pytest.fixture(autouse=True)
-def clean_param_store():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
 
 
 def normal_mean(n, y=None):
@@ -367,34 +362,50 @@ def load_example():
     not EIGHT_SCHOOLS.exists(), reason=f"needs posteriordb's reference draws in {EIGHT_SCHOOLS}"
 )
 def test_eight_schools_amortised_posterior_matches_the_reference(monkeypatch):
+    """Issue 7's targets, with the example's ensemble (six members, seeds 0-5): the amortised
+    posterior's own moments (a million raw draws) within 0.1 reference sd, and calibrated ranks."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     import posteriordb_models
+    from amortised_speed import raw_draws, signed_errors
 
     torch.set_num_threads(1)
     example = load_example()
-    guide = example.amortised_guide("eight_schools")
-    example.train("eight_schools", guide)
+    monkeypatch.setitem(sys.modules, "amortised_eight_schools", example)  # for the workers
+    guide = example.train_ensemble("eight_schools", 6, workers=min(6, os.cpu_count() or 1))
     _, _, reference = posteriordb_models.load(EIGHT_SCHOOLS)
+    raw = signed_errors(
+        posteriordb_models.flatten_draws(raw_draws(example, guide, 1_000_000), [*reference]), reference
+    )
     report = diagnose(guide, example.eight_schools, sigma=example.SIGMA, y=example.Y, num_samples=20000)
-    draws = posteriordb_models.flatten_draws(report.resampled, list(reference))
-    errors = {
-        name: (
-            abs(draws[name].mean() - ref.mean()) / ref.std(),
-            abs(draws[name].std() - ref.std()) / ref.std(),
-        )
-        for name, ref in reference.items()
-    }
-    print(f"k-hat {report.k_hat:.2f}; PSIS-corrected (mean, sd) errors in reference sds: {errors}")
+    psis = signed_errors(posteriordb_models.flatten_draws(report.resampled, [*reference]), reference)
+    print(f"k-hat {report.k_hat:.2f}; (mean, sd) errors in reference sds, raw {raw}, PSIS {psis}")
     assert report.k_hat < 0.7
-    assert max(max(e) for e in errors.values()) < 0.1, errors
+    # measured with 2 000 000 draws of the same ensemble: 0.079 (mu) / 0.064 (theta[2])
+    assert max(abs(error) for pair in raw.values() for error in pair) < 0.1, raw
+    assert max(abs(error) for pair in psis.values() for error in pair) < 0.1, psis
     sbc = example.calibrate("eight_schools", guide)
     print(sbc)
-    # measured with the previous recipe (ELBO + importance-weighted bound): every parameter passed
-    # the 1% test here (p 0.015-0.54), four theta_tilde did not in the benchmark's run. With the
-    # ForwardKL recipe, an exploratory run passed all ten (p >= 0.05), raw moments within 0.11 sd
-    # (docs/amortisation_datasets.md); not yet run as this test
-    assert sbc.passed()["mu"] and sbc.passed()["tau"]
-    assert min(c[0.95] for c in sbc.coverage().values()) > 0.88
+    # ten parameters each tested at 1% fail one run in ten even for the exact posterior: test the
+    # family at 1% (Bonferroni). Three runs on this ensemble: theta_tilde[6] at p 0.004 once, every
+    # other p >= 0.056
+    assert min(sbc.p_values().values()) > 0.01 / len(sbc.p_values()), sbc.p_values()
+    assert min(c[0.95] for c in sbc.coverage().values()) > 0.9
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_example_trains_each_ensemble_member_alone(monkeypatch, workers):
+    example = load_example()
+    monkeypatch.setitem(sys.modules, "amortised_eight_schools", example)  # for the workers
+    alone = example.train_member("eight_schools", 2, 1, 4, 4, 2)["params"]  # member 1, from seed 3 + 1
+    ensemble = example.train_ensemble(
+        "eight_schools", 2, seed=3, workers=workers, elbo_steps=4, forward_kl_steps=2
+    )
+    trained = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+    assert {name.split(".")[2] for name in trained} == {"0", "1"}
+    assert alone and all(torch.equal(trained[name], value) for name, value in alone.items())
+    draws = draw_posterior(example.eight_schools, ensemble, num_samples=5, sigma=example.SIGMA, y=example.Y)
+    assert draws.log_weights.isfinite().all()  # and the ensemble runs on the trained parameters:
+    assert all(torch.equal(pyro.get_param_store()[name], value) for name, value in trained.items())
 
 
 def test_the_regression_summary_is_the_least_squares_fit():
