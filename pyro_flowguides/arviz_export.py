@@ -156,7 +156,7 @@ def describe(guide: Callable, num_samples: int) -> dict[str, str | int]:
     The layers are read from a flow guide's ``flow`` (global latents) and, for amortised guides,
     ``local_posterior.layers`` and ``global_posterior.layers``; an empty list reads "Gaussian".
     An ensemble (``AutoFlowEnsemble``) gives its number of members and, per kind, their layers
-    (``member 0: ...; member 1: ...`` when the members differ).
+    (``member 0: ... | member 1: ...`` when the members differ).
     """
     attrs: dict[str, str | int] = {
         "guide": guide_name(guide),

@@ -180,6 +180,11 @@ class AutoFlowGuide(AutoContinuous):
         super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
 
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()  # Pyro's AutoGuide drops the model: it need not pickle
+        state["_given_model"] = (None,)
+        return state
+
     @property
     def path_gradient(self) -> bool:
         """Whether the guide's posteriors drop the score term from the ELBO's gradient."""

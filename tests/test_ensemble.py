@@ -1,6 +1,7 @@
 """EqualMixture and AutoFlowEnsemble: the mixture's density, its draws, and the ensemble as a guide."""
 
 import math
+import pickle
 
 import pyro
 import pyro.distributions as dist
@@ -163,6 +164,14 @@ def test_a_one_member_ensemble_is_its_member():
     z = torch.randn(7, 1, dtype=torch.float64)
     expected = member._current_posterior(Y).log_prob(z)
     assert torch.allclose(ensemble._current_posterior(Y).log_prob(z), expected)
+
+
+def test_ensemble_pickles_with_its_members():
+    ensemble = shifted_ensemble(0.5)
+    copy = pickle.loads(pickle.dumps(ensemble))
+    z = torch.randn(5, 1, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(copy.get_posterior(Y).log_prob(z), ensemble.get_posterior(Y).log_prob(z))
 
 
 # -- AutoFlowEnsemble over data sets ----------------------------------------------------------------

@@ -291,6 +291,17 @@ def test_pickle_torch_save_and_param_store_round_trip(tmp_path):
         torch.testing.assert_close(value, expected[name])
 
 
+def test_a_guide_of_a_local_model_pickles():
+    """As Pyro's autoguides, the guide does not pickle its model, which need not be picklable."""
+
+    def local_model():
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    guide = AutoFlowGuide(local_model, flow="planar", num_flows=2)
+    guide()
+    assert sorted(pickle.loads(pickle.dumps(guide))()) == ["x"]
+
+
 def test_float64_model_gets_float64_guide():
     data = DATA.double()
 
