@@ -22,8 +22,8 @@ from its prior predictive, then asked for posteriors of new data sets in one for
 
 Eight schools' posterior is an ensemble (``AutoFlowEnsemble``) of six guides with four neural
 spline couplings and an IAF, each trained alone from its own seed, ``--workers`` at a time in
-separate processes: a single training shifts the whole posterior by up to 0.25 sd, in a direction
-that changes with the seed, and the equal mixture averages that out. The regression's guide is a
+separate processes: a single training tends to shift the means one way, by up to 0.25 sd, in a
+direction that changes with the seed, and the equal mixture averages that out. The regression's guide is a
 single one (neural splines x 4).
 
 Training (see ``docs/amortisation_datasets.md``): the ELBO averaged over 128 fresh data sets per

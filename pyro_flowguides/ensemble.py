@@ -1,8 +1,9 @@
 r"""Ensembles of flow guides: the equal mixture of ``M`` independently trained posteriors.
 
 Trainings of one flow from different seeds can miss the posterior in different directions: on
-amortised eight schools each training shifted all ten means one way, by up to 0.25 posterior sd,
-and the direction changed from seed to seed. Their equal mixture
+amortised eight schools a training tended to shift the means one way (one seed put all ten too
+high, by up to 0.25 posterior sd; another nine of ten too low), and the direction changed from
+seed to seed. Their equal mixture
 ``q(z) = (1/M) Σ_m q_m(z)`` averages such errors out, and it is still a density: its importance
 weights ``p(x, z) / q(z)``, and so Pareto k-hat, PSIS and the importance-weighted bounds, are
 exact for it (``docs/amortisation_datasets.md``).
