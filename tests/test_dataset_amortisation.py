@@ -380,14 +380,15 @@ def test_eight_schools_amortised_posterior_matches_the_reference(monkeypatch):
     psis = signed_errors(posteriordb_models.flatten_draws(report.resampled, [*reference]), reference)
     print(f"k-hat {report.k_hat:.2f}; (mean, sd) errors in reference sds, raw {raw}, PSIS {psis}")
     assert report.k_hat < 0.7
-    # measured with 2 000 000 draws of the same ensemble: 0.079 (mu) / 0.064 (theta[2])
+    # measured: 0.040 / 0.045 here; the benchmark's training of the same recipe and seeds (not
+    # bit-identical to this one) 0.078 / 0.066 with 2 000 000 draws
     assert max(abs(error) for pair in raw.values() for error in pair) < 0.1, raw
     assert max(abs(error) for pair in psis.values() for error in pair) < 0.1, psis
     sbc = example.calibrate("eight_schools", guide)
     print(sbc)
     # ten parameters each tested at 1% fail one run in ten even for the exact posterior: test the
-    # family at 1% (Bonferroni). Three runs on this ensemble: theta_tilde[6] at p 0.004 once, every
-    # other p >= 0.056
+    # family at 1% (Bonferroni). Here every p >= 0.13; three runs on the benchmark's ensemble:
+    # theta_tilde[6] at p 0.004 once, every other p >= 0.056
     assert min(sbc.p_values().values()) > 0.01 / len(sbc.p_values()), sbc.p_values()
     assert min(c[0.95] for c in sbc.coverage().values()) > 0.9
 
